@@ -1,0 +1,46 @@
+// Launch helpers for the .cu files: dtype dispatch on ScalarKind and grid sizing. Torch-free.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+
+#include "common/device_math.h"
+
+namespace fastdistill {
+
+// Calls `fn(tag)` with a null pointer of the element type named by `kind`; the callee recovers the
+// type with `std::remove_pointer_t<decltype(tag)>`.
+template <typename Fn>
+cudaError_t dispatch_element_type(ScalarKind kind, Fn&& fn) {
+  switch (kind) {
+    case ScalarKind::Float16: return fn(static_cast<__half*>(nullptr));
+    case ScalarKind::BFloat16: return fn(static_cast<__nv_bfloat16*>(nullptr));
+    case ScalarKind::Float32: return fn(static_cast<float*>(nullptr));
+    case ScalarKind::Float64: return fn(static_cast<double*>(nullptr));
+  }
+  return cudaErrorInvalidValue;
+}
+
+// RoPE tables are float32 or float64.
+template <typename Fn>
+cudaError_t dispatch_table_type(ScalarKind kind, Fn&& fn) {
+  switch (kind) {
+    case ScalarKind::Float32: return fn(static_cast<float*>(nullptr));
+    case ScalarKind::Float64: return fn(static_cast<double*>(nullptr));
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+constexpr int kThreadsPerBlock = 256;
+
+// Blocks for a grid-stride loop over `work` items; capped because a grid-stride loop needs no more
+// blocks than the device can keep resident many times over.
+inline unsigned int grid_blocks(int64_t work) {
+  const int64_t blocks = (work + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20)));
+}
+
+}  // namespace fastdistill

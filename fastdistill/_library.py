@@ -1,0 +1,91 @@
+"""Loads the C++ core (`fastdistill._C`) and registers the Python side of its ops.
+
+The schemas and the CPU/CUDA kernels live in C++ (csrc/registration.cpp). Here we add what torch
+needs to trace and differentiate them: fake (meta) kernels, so `torch.compile` and FakeTensor
+propagate shapes without running a kernel, and autograd for the differentiable ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (importing registers torch.ops.fastdistill)
+from .refs.rope import rope_pairs
+
+ops = torch.ops.fastdistill
+
+
+# ----------------------------------------------------------------------------------------------- rope
+@torch.library.register_fake("fastdistill::rope")
+def _rope_fake(x, cos, sin, interleaved):
+    return torch.empty_like(x)
+
+
+def _rope_setup_context(ctx, inputs, output):
+    x, cos, sin, interleaved = inputs
+    ctx.interleaved = interleaved
+    # x is needed only for the gradients of the tables, which are usually constants.
+    needs_tables_grad = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    ctx.save_for_backward(x if needs_tables_grad else None, cos, sin)
+
+
+def _rope_backward(ctx, grad_out):
+    x, cos, sin = ctx.saved_tensors
+    grad_x = grad_cos = grad_sin = None
+    if ctx.needs_input_grad[0]:
+        # A rotation's adjoint is the rotation by the opposite angle.
+        grad_x = ops.rope(grad_out, cos, sin.neg(), ctx.interleaved)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        # y1 = x1 c - x2 s, y2 = x1 s + x2 c, summed over batch and heads (tables are per token).
+        x1, x2 = rope_pairs(x.to(cos.dtype), ctx.interleaved)
+        g1, g2 = rope_pairs(grad_out.to(cos.dtype), ctx.interleaved)
+        if ctx.needs_input_grad[1]:
+            grad_cos = (g1 * x1 + g2 * x2).sum(dim=(0, 1))
+        if ctx.needs_input_grad[2]:
+            grad_sin = (g2 * x1 - g1 * x2).sum(dim=(0, 1))
+    return grad_x, grad_cos, grad_sin, None
+
+
+torch.library.register_autograd("fastdistill::rope", _rope_backward, setup_context=_rope_setup_context)
+
+
+# ------------------------------------------------------------------------------------------- kv_write
+@torch.library.register_fake("fastdistill::kv_write")
+def _kv_write_fake(cache_k, cache_v, k, v, start, cos, sin, interleaved):
+    return None
+
+
+# ---------------------------------------------------------------------------------------- schedules
+def _empty_schedule(mask_batch, mask_heads, num_q_tiles, num_k_tiles, device):
+    def ints(*shape):
+        return torch.empty(shape, dtype=torch.int32, device=device)
+
+    def bools(*shape):
+        return torch.empty(shape, dtype=torch.bool, device=device)
+
+    b, h, nq, nk = mask_batch, mask_heads, num_q_tiles, num_k_tiles
+    return ints(b, h, nq), ints(b, h, nq, nk), bools(b, h, nq, nk), ints(b, h, nk), ints(b, h, nk, nq), bools(b, h, nk, nq)
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+@torch.library.register_fake("fastdistill::schedule_chunk_causal")
+def _schedule_chunk_causal_fake(lq, lk, block_m, block_n, chunk_size, window, sink, q_offset, kv_offset, device):
+    return _empty_schedule(1, 1, _ceil_div(lq, block_m), _ceil_div(lk, block_n), device)
+
+
+@torch.library.register_fake("fastdistill::schedule_block_mask")
+def _schedule_block_mask_fake(block_mask, lq, lk, block_m, block_n, mask_block_q, mask_block_k):
+    b, h = block_mask.shape[0], block_mask.shape[1]
+    return _empty_schedule(b, h, _ceil_div(lq, block_m), _ceil_div(lk, block_n), block_mask.device)
+
+
+def op_devices(name: str) -> list[str]:
+    """The dispatch keys among CPU/CUDA/Meta for which op `name` has a kernel (for `fastdistill info`)."""
+    qualified = f"fastdistill::{name}"
+    return [k for k in ("CPU", "CUDA", "Meta") if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, k)]
+
+
+OP_NAMES = ("rope", "kv_write", "schedule_chunk_causal", "schedule_block_mask")

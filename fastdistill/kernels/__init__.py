@@ -1,0 +1,69 @@
+"""Triton kernels, one op per file, and the registry that `benchmarks/kernel_report.py` reads.
+
+Every Triton kernel module registers each kernel with the configurations it may launch, marking the
+ones the launcher uses by default. The kernel report compiles every registered configuration ahead of
+time for sm_90 and sm_80 (no GPU needed) and fails when a *default* configuration spills registers, so
+a kernel that would be slow or fail to compile on an H100 cannot land unnoticed.
+
+Registering is cheap and import-time only: it keeps references to the `@triton.jit` functions and the
+constexpr values; nothing is compiled until the report (or a launch) asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of a kernel.
+
+    constexprs: values of the kernel's `tl.constexpr` parameters (tile sizes, head dim, flags).
+    default:    True when the launcher picks this configuration without autotuning; the report fails
+                when a default configuration spills.
+    """
+
+    name: str
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+    default: bool = False
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """A registered Triton kernel.
+
+    fn:        the `@triton.jit` function.
+    signature: Triton types of the runtime parameters for ahead-of-time compilation, e.g.
+               {"q_ptr": "*fp16", "seq_len": "i32", "scale": "fp32"}; constexpr parameters are
+               listed with the value "constexpr" and take their values from each config.
+    configs:   the configurations the launcher may use.
+    """
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    configs: tuple[KernelConfig, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, KernelEntry] = {}
+
+
+def register_kernel(entry: KernelEntry) -> KernelEntry:
+    """Add a kernel to the registry (called at import time by the module that defines it)."""
+    if entry.name in _REGISTRY:
+        raise ValueError(f"a Triton kernel named {entry.name!r} is already registered")
+    if not entry.configs:
+        raise ValueError(f"kernel {entry.name!r} registers no configuration")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def registered_kernels() -> list[KernelEntry]:
+    """All registered kernels, in registration order.
+
+    Importing this package imports every kernel module, so the list is complete.
+    """
+    return list(_REGISTRY.values())
