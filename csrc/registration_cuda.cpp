@@ -15,8 +15,15 @@
 namespace fastdistill {
 namespace {
 
+// Row-wise kernels launch one block per (token, head, batch): grid.y = heads, grid.z = batch.
+void check_row_grid(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.size(0) <= 65535 && t.size(1) <= 65535, op, ": the CUDA kernel supports at most 65535 ",
+                    "batches and heads, got ", name, " of shape ", t.sizes());
+}
+
 at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
   check_rope_args(x, cos, sin);
+  check_row_grid(x, "rope", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
   C10_CUDA_CHECK(launch_rope(scalar_kind(x), scalar_kind(cos), x.const_data_ptr(), describe4(x), cos.const_data_ptr(),
@@ -29,6 +36,7 @@ void kv_write_cuda(const at::Tensor& cache_k, const at::Tensor& cache_v, const a
                    const at::Tensor& start, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                    bool interleaved) {
   check_kv_write_args(cache_k, cache_v, k, v, start, cos, sin);
+  check_row_grid(k, "kv_write", "k");
   const c10::cuda::CUDAGuard guard(cache_k.device());
   // A CPU scalar is read here and passed by value; a device scalar is read by the kernel (no sync).
   const bool start_on_host = start.is_cpu();

@@ -106,6 +106,25 @@ def test_kv_write_opcheck(rotate):
     )
 
 
+def test_kv_write_compiles_with_mutation():
+    """Under torch.compile (fullgraph) the in-place write lands in the caller's buffers."""
+    cache_k, cache_v = make_cache(1, 2, 10, 8, 8, torch.float32)
+    k, v = make_tokens(1, 2, 4, 8, 8, torch.float32)
+    cos, sin = rope_tables(RopeSpec(8), 4, start=8)
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    kv_write_reference(expected_k, expected_v, k * 2, v, 8, cos, sin)
+
+    @torch.compile(fullgraph=True)
+    def step(cache_k, cache_v, k, v, start):
+        kv_write(cache_k, cache_v, k * 2, v, start, cos, sin)
+        return cache_k.sum()
+
+    total = step(cache_k, cache_v, k, v, torch.tensor(8))
+    torch.testing.assert_close(cache_k, expected_k, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cache_v, expected_v, rtol=0, atol=0)
+    torch.testing.assert_close(total, expected_k.sum(), rtol=1e-6, atol=1e-5)
+
+
 def _bad_call(**overrides):
     args = dict(
         cache_k=torch.zeros(1, 2, 10, 8),

@@ -36,6 +36,19 @@ cudaError_t dispatch_table_type(ScalarKind kind, Fn&& fn) {
 
 constexpr int kThreadsPerBlock = 256;
 
+// Row-wise ops (RoPE, cache writes) run one block per (token, head, batch) row: blockIdx.x = token,
+// blockIdx.y = head, blockIdx.z = batch, so no thread divides to find its row. The block is sized to
+// the row's work items, rounded up to whole warps, and loops when a row has more items than threads.
+inline dim3 row_grid(int64_t batch, int64_t heads, int64_t tokens) {
+  return dim3(static_cast<unsigned int>(tokens), static_cast<unsigned int>(heads), static_cast<unsigned int>(batch));
+}
+
+inline unsigned int row_block(int64_t items_per_row) {
+  const int64_t warps = std::max<int64_t>(1, std::min<int64_t>((items_per_row + 31) / 32, 8));
+  return static_cast<unsigned int>(warps * 32);
+}
+
+
 // Blocks for a grid-stride loop over `work` items; capped because a grid-stride loop needs no more
 // blocks than the device can keep resident many times over.
 inline unsigned int grid_blocks(int64_t work) {

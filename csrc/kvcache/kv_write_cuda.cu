@@ -10,52 +10,44 @@
 namespace fastdistill {
 namespace {
 
-// Work items: the key items of every row first (D/2 rotation pairs, or D elements without tables),
-// then B * H * n * Dv value elements.
+// One block per (token, head, batch) row of the new tokens. A row's work items are its key items
+// (D/2 rotation pairs with tables, D elements without, when D may be odd) followed by its Dv value
+// elements; thread t takes items t, t + blockDim.x, ...
 template <typename T, typename TableT>
 __global__ void kv_write_kernel(T* __restrict__ cache_k, Tensor4 cache_k_desc, T* __restrict__ cache_v,
                                 Tensor4 cache_v_desc, const T* __restrict__ k, Tensor4 k_desc, const T* __restrict__ v,
                                 Tensor4 v_desc, const void* start_ptr, bool start_is_int32, int64_t start_value,
                                 const TableT* __restrict__ cos, Tensor2 cos_desc, const TableT* __restrict__ sin,
-                                Tensor2 sin_desc, bool interleaved, int64_t num_key_items, int64_t num_items) {
+                                Tensor2 sin_desc, bool interleaved) {
   using Acc = typename AccType<T>::type;
   int64_t start = start_value;
   if (start_ptr != nullptr) {
     start = start_is_int32 ? static_cast<int64_t>(*static_cast<const int32_t*>(start_ptr))
                            : *static_cast<const int64_t*>(start_ptr);
   }
-  const int64_t heads = k_desc.size[1], tokens = k_desc.size[2], slots = cache_k_desc.size[2];
-  const int64_t key_dim = k_desc.size[3], value_dim = v_desc.size[3];
-  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < num_items;
-       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (item < num_key_items) {
-      // With tables an item is a rotation pair; without, one element (D may then be odd).
-      const int64_t per_row = cos != nullptr ? key_dim / 2 : key_dim;
-      const int64_t col = item % per_row;
-      const int64_t token = (item / per_row) % tokens;
-      const int64_t bh = item / (per_row * tokens);
-      const int64_t h = bh % heads, b = bh / heads;
-      const int64_t slot = floor_mod(start + token, slots);
-      if (cos != nullptr) {
-        int64_t d1, d2;
-        rope_pair_dims(col, key_dim / 2, interleaved, d1, d2);
-        Acc y1, y2;
-        rope_rotate(static_cast<Acc>(k[k_desc.offset(b, h, token, d1)]), static_cast<Acc>(k[k_desc.offset(b, h, token, d2)]),
-                    static_cast<Acc>(cos[cos_desc.offset(token, col)]), static_cast<Acc>(sin[sin_desc.offset(token, col)]),
-                    y1, y2);
-        cache_k[cache_k_desc.offset(b, h, slot, d1)] = static_cast<T>(y1);
-        cache_k[cache_k_desc.offset(b, h, slot, d2)] = static_cast<T>(y2);
-      } else {
-        cache_k[cache_k_desc.offset(b, h, slot, col)] = k[k_desc.offset(b, h, token, col)];
-      }
-    } else {
-      const int64_t value_item = item - num_key_items;
-      const int64_t d = value_item % value_dim;
-      const int64_t token = (value_item / value_dim) % tokens;
-      const int64_t bh = value_item / (value_dim * tokens);
-      const int64_t h = bh % heads, b = bh / heads;
-      const int64_t slot = floor_mod(start + token, slots);
+  const int64_t token = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t slot = floor_mod(start + token, cache_k_desc.size[2]);
+  const int64_t key_dim = k_desc.size[3], half_dim = key_dim / 2;
+  const bool rotate = cos != nullptr;
+  const int64_t key_items = rotate ? half_dim : key_dim;
+  const int64_t row_items = key_items + v_desc.size[3];
+  const T* k_row = k + k_desc.offset(b, h, token, 0);
+  T* cache_k_row = cache_k + cache_k_desc.offset(b, h, slot, 0);
+  for (int64_t item = threadIdx.x; item < row_items; item += blockDim.x) {
+    if (item >= key_items) {
+      const int64_t d = item - key_items;
       cache_v[cache_v_desc.offset(b, h, slot, d)] = v[v_desc.offset(b, h, token, d)];
+    } else if (rotate) {
+      int64_t d1, d2;
+      rope_pair_dims(item, half_dim, interleaved, d1, d2);
+      Acc y1, y2;
+      rope_rotate(static_cast<Acc>(k_row[d1 * k_desc.stride[3]]), static_cast<Acc>(k_row[d2 * k_desc.stride[3]]),
+                  static_cast<Acc>(cos[cos_desc.offset(token, item)]), static_cast<Acc>(sin[sin_desc.offset(token, item)]),
+                  y1, y2);
+      cache_k_row[d1 * cache_k_desc.stride[3]] = static_cast<T>(y1);
+      cache_k_row[d2 * cache_k_desc.stride[3]] = static_cast<T>(y2);
+    } else {
+      cache_k_row[item * cache_k_desc.stride[3]] = k_row[item * k_desc.stride[3]];
     }
   }
 }
@@ -67,20 +59,18 @@ cudaError_t launch_kv_write(ScalarKind kind, ScalarKind table_kind, void* cache_
                             const void* v, const Tensor4& v_desc, const void* start_ptr, bool start_is_int32,
                             int64_t start_value, const void* cos, const Tensor2& cos_desc, const void* sin,
                             const Tensor2& sin_desc, bool interleaved, cudaStream_t stream) {
-  const int64_t rows = k_desc.size[0] * k_desc.size[1] * k_desc.size[2];
-  const int64_t num_key_items = rows * (cos != nullptr ? k_desc.size[3] / 2 : k_desc.size[3]);
-  const int64_t num_items = num_key_items + rows * v_desc.size[3];
-  if (num_items == 0) return cudaSuccess;
+  if (k_desc.size[0] * k_desc.size[1] * k_desc.size[2] == 0) return cudaSuccess;
+  const int64_t row_items = (cos != nullptr ? k_desc.size[3] / 2 : k_desc.size[3]) + v_desc.size[3];
   return dispatch_element_type(kind, [&](auto tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     // Without tables the table type is irrelevant; instantiate with float.
     return dispatch_table_type(cos != nullptr ? table_kind : ScalarKind::Float32, [&](auto table_tag) {
       using TableT = std::remove_pointer_t<decltype(table_tag)>;
-      kv_write_kernel<T, TableT><<<grid_blocks(num_items), kThreadsPerBlock, 0, stream>>>(
-          static_cast<T*>(cache_k), cache_k_desc, static_cast<T*>(cache_v), cache_v_desc, static_cast<const T*>(k),
-          k_desc, static_cast<const T*>(v), v_desc, start_ptr, start_is_int32, start_value,
-          static_cast<const TableT*>(cos), cos_desc, static_cast<const TableT*>(sin), sin_desc, interleaved,
-          num_key_items, num_items);
+      kv_write_kernel<T, TableT>
+          <<<row_grid(k_desc.size[0], k_desc.size[1], k_desc.size[2]), row_block(row_items), 0, stream>>>(
+              static_cast<T*>(cache_k), cache_k_desc, static_cast<T*>(cache_v), cache_v_desc, static_cast<const T*>(k),
+              k_desc, static_cast<const T*>(v), v_desc, start_ptr, start_is_int32, start_value,
+              static_cast<const TableT*>(cos), cos_desc, static_cast<const TableT*>(sin), sin_desc, interleaved);
       return cudaGetLastError();
     });
   });
