@@ -15,9 +15,20 @@ from .refs.rope import rope_pairs
 ops = torch.ops.fastdistill
 
 
+def _check_same_device(op: str, first_name: str, first: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """The C++ kernels check devices, but a meta tensor among the arguments routes the call to the fake
+    kernel (Meta outranks CPU and CUDA in dispatch), and torch.compile traces with fakes: check here too."""
+    for name, t in others.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(
+                f"{op}: {first_name} and {name} must be on the same device, got {first.device} and {t.device}"
+            )
+
+
 # ----------------------------------------------------------------------------------------------- rope
 @torch.library.register_fake("fastdistill::rope")
 def _rope_fake(x, cos, sin, interleaved):
+    _check_same_device("rope", "x", x, cos=cos, sin=sin)
     return torch.empty_like(x)
 
 
@@ -52,6 +63,11 @@ torch.library.register_autograd("fastdistill::rope", _rope_backward, setup_conte
 # ------------------------------------------------------------------------------------------- kv_write
 @torch.library.register_fake("fastdistill::kv_write")
 def _kv_write_fake(cache_k, cache_v, k, v, start, cos, sin, interleaved):
+    _check_same_device("kv_write", "cache_k", cache_k, cache_v=cache_v, k=k, v=v, cos=cos, sin=sin)
+    if start.device != cache_k.device and start.device.type != "cpu":
+        raise ValueError(
+            f"kv_write: start must be on the cache's device ({cache_k.device}) or a CPU scalar, got {start.device}"
+        )
     return None
 
 

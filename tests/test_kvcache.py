@@ -168,6 +168,13 @@ def test_kv_write_rejects_bad_input(overrides, error, match):
         _bad_call(**overrides)
 
 
+def test_kv_write_rejects_mixed_devices():
+    with pytest.raises(ValueError, match="cache_k and k must be on the same device"):
+        _bad_call(cache_k=torch.zeros(1, 2, 10, 8, device="meta"), cache_v=torch.zeros(1, 2, 10, 8, device="meta"))
+    with pytest.raises(ValueError, match="start must be on the cache's device"):
+        _bad_call(start=torch.tensor(0, device="meta"))
+
+
 # -------------------------------------------------------------------------------------------- GPU
 
 

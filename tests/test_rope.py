@@ -117,6 +117,12 @@ def test_rope_rejects_mismatched_tables():
         apply_rope(x, torch.ones(4, 4), torch.ones(4, 4, dtype=torch.float64))
 
 
+def test_rope_rejects_tables_on_another_device():
+    """Meta tensors route to the fake kernel, which must reject mixed devices as the real ones do."""
+    with pytest.raises(ValueError, match="x and cos must be on the same device"):
+        apply_rope(torch.ones(1, 1, 4, 8, device="meta"), torch.ones(4, 4), torch.ones(4, 4))
+
+
 # --------------------------------------------------------------------------------------- RopeSpec
 
 
