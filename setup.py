@@ -43,7 +43,13 @@ def _archs() -> list[str]:
 
 
 def _gencode_flags(archs: list[str]) -> list[str]:
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    """SASS for every arch, plus PTX of the first portable one (not an "a" arch) so GPUs newer than the
+    listed archs can still JIT the kernels."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    portable = [a for a in archs if not a.endswith("a")]
+    if portable:
+        flags.append(f"-gencode=arch=compute_{portable[0]},code=compute_{portable[0]}")
+    return flags
 
 
 def _extension():
@@ -65,7 +71,9 @@ def _extension():
         include_dirs=[CSRC],
         extra_compile_args={
             "cxx": cxx_flags + archs_define,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *_gencode_flags(archs)],
+            # No --use_fast_math: it would flush fp32 denormals and contract differently from the CPU
+            # path; these kernels are memory-bound and gain nothing from it.
+            "nvcc": ["-O3", "-std=c++17", *_gencode_flags(archs)],
         },
     )
 

@@ -40,8 +40,11 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CSRC = REPO_ROOT / "csrc"
-# Keep in step with the "nvcc" flags in setup.py: register allocation depends on them.
-NVCC_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-Xptxas", "-v")
+# Keep in step with the "nvcc" flags in setup.py plus the defines torch's cpp_extension adds
+# (COMMON_NVCC_FLAGS, also in CMakeLists.txt): register allocation depends on them.
+NVCC_FLAGS = ("-O3", "-std=c++17", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr",
+              "-Xptxas", "-v")
 
 
 @dataclass

@@ -34,6 +34,27 @@ cudaError_t dispatch_table_type(ScalarKind kind, Fn&& fn) {
   }
 }
 
+// Conversions between storage and accumulation types. torch's extension build defines
+// __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__, which removes the implicit ones, so
+// fp16/bf16 go through the explicit round-to-nearest intrinsics.
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccType<T>::type x) {
+  return x;  // float and double
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
 constexpr int kThreadsPerBlock = 256;
 
 // Row-wise ops (RoPE, cache writes) run one block per (token, head, batch) row: blockIdx.x = token,

@@ -23,11 +23,11 @@ __global__ void rope_kernel(const T* __restrict__ x, Tensor4 x_desc, const Table
     int64_t d1, d2;
     rope_pair_dims(pair, half_dim, interleaved, d1, d2);
     Acc y1, y2;
-    rope_rotate(static_cast<Acc>(x_row[d1 * x_desc.stride[3]]), static_cast<Acc>(x_row[d2 * x_desc.stride[3]]),
+    rope_rotate(to_acc(x_row[d1 * x_desc.stride[3]]), to_acc(x_row[d2 * x_desc.stride[3]]),
                 static_cast<Acc>(cos[cos_desc.offset(token, pair)]), static_cast<Acc>(sin[sin_desc.offset(token, pair)]),
                 y1, y2);
-    out_row[d1 * out_desc.stride[3]] = static_cast<T>(y1);
-    out_row[d2 * out_desc.stride[3]] = static_cast<T>(y2);
+    out_row[d1 * out_desc.stride[3]] = from_acc<T>(y1);
+    out_row[d2 * out_desc.stride[3]] = from_acc<T>(y2);
   }
 }
 
