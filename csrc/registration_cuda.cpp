@@ -15,10 +15,12 @@
 namespace fastdistill {
 namespace {
 
-// Row-wise kernels launch one block per (token, head, batch): grid.y = heads, grid.z = batch.
+// Row-wise kernels launch one block per (token, head, batch): grid.x = tokens, grid.y = heads,
+// grid.z = batch.
 void check_row_grid(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.size(0) <= 65535 && t.size(1) <= 65535, op, ": the CUDA kernel supports at most 65535 ",
-                    "batches and heads, got ", name, " of shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(0) <= 65535 && t.size(1) <= 65535 && t.size(2) <= INT32_MAX, op,
+                    ": the CUDA kernel supports at most 65535 batches and heads and 2^31 - 1 tokens, got ", name,
+                    " of shape ", t.sizes());
 }
 
 at::Tensor rope_cuda(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {

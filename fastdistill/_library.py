@@ -48,16 +48,74 @@ def _rope_backward(ctx, grad_out):
         grad_x = ops.rope(grad_out, cos, sin.neg(), ctx.interleaved)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # y1 = x1 c - x2 s, y2 = x1 s + x2 c, summed over batch and heads (tables are per token).
-        x1, x2 = rope_pairs(x.to(cos.dtype), ctx.interleaved)
-        g1, g2 = rope_pairs(grad_out.to(cos.dtype), ctx.interleaved)
+        compute = torch.promote_types(x.dtype, cos.dtype)
+        x1, x2 = rope_pairs(x.to(compute), ctx.interleaved)
+        g1, g2 = rope_pairs(grad_out.to(compute), ctx.interleaved)
         if ctx.needs_input_grad[1]:
-            grad_cos = (g1 * x1 + g2 * x2).sum(dim=(0, 1))
+            grad_cos = (g1 * x1 + g2 * x2).sum(dim=(0, 1)).to(cos.dtype)
         if ctx.needs_input_grad[2]:
-            grad_sin = (g2 * x1 - g1 * x2).sum(dim=(0, 1))
+            grad_sin = (g2 * x1 - g1 * x2).sum(dim=(0, 1)).to(sin.dtype)
     return grad_x, grad_cos, grad_sin, None
 
 
 torch.library.register_autograd("fastdistill::rope", _rope_backward, setup_context=_rope_setup_context)
+
+
+@torch.library.register_vmap("fastdistill::rope")
+def _rope_vmap(info, in_dims, x, cos, sin, interleaved):
+    """Shared tables: fold the vmapped dim into the batch, one kernel call. Per-sample tables: one
+    call per sample (tables are per token, so samples cannot share a launch)."""
+    x_dim, cos_dim, sin_dim = in_dims[:3]
+    if cos_dim is None and sin_dim is None:
+        x = x.movedim(x_dim, 0)
+        out = ops.rope(x.flatten(0, 1), cos, sin, interleaved)
+        return out.unflatten(0, x.shape[:2]), 0
+
+    def per_sample(t, dim):
+        return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+
+    xs, coss, sins = per_sample(x, x_dim), per_sample(cos, cos_dim), per_sample(sin, sin_dim)
+    return torch.stack([ops.rope(xs[i], coss[i], sins[i], interleaved) for i in range(info.batch_size)]), 0
+
+
+class RopeFunction(torch.autograd.Function):
+    """`ops.rope` with forward-mode derivatives as well: `torch.func.jvp`, `torch.autograd.forward_ad`
+    and `torch.func.vmap` work through it (the custom op alone supports reverse mode only).
+
+    The rotation is linear in x, so the tangent of the output is the rotated tangent of x, computed by
+    the same fused kernel. Tangents of the tables are refused: tables are functions of positions,
+    constants of every model, and supporting them would keep x alive for every call.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, cos, sin, interleaved):
+        return ops.rope(x, cos, sin, interleaved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # Unmaterialized: inputs without a tangent (or outputs without a gradient) arrive as None
+        # instead of zeros, which is how jvp tells constant tables from differentiated ones.
+        ctx.set_materialize_grads(False)
+        _rope_setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None, None
+        return _rope_backward(ctx, grad_out)
+
+    @staticmethod
+    def jvp(ctx, x_tangent, cos_tangent, sin_tangent, _):
+        if cos_tangent is not None or sin_tangent is not None:
+            raise NotImplementedError(
+                "apply_rope: forward-mode derivatives with respect to cos/sin are not supported; "
+                "build the tables outside the function being differentiated"
+            )
+        cos, sin = ctx.saved_tensors
+        return ops.rope(x_tangent, cos, sin, ctx.interleaved)
 
 
 # ------------------------------------------------------------------------------------------- kv_write

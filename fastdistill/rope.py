@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._library import ops
+from ._library import RopeFunction
 
 _LAYOUTS = ("interleaved", "half")
 
@@ -82,7 +82,7 @@ class RopeSpec:
 def _inverse_frequencies(num_pairs: int, theta: float, device) -> torch.Tensor:
     """theta ** (-k / num_pairs) for k < num_pairs, in float64 (a 1-D RoPE of dim 2 * num_pairs)."""
     k = torch.arange(num_pairs, dtype=torch.float64, device=device)
-    return torch.pow(torch.tensor(theta, dtype=torch.float64, device=device), -k / num_pairs)
+    return torch.pow(float(theta), -k / num_pairs)  # a Python base: no host-to-device copy
 
 
 def rope_tables(
@@ -153,6 +153,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, interle
     or float64, e.g. from `rope_tables`); `interleaved` selects the pair layout (`spec.interleaved`).
 
     Computed in fp32 (fp64 for fp64 inputs) in one fused pass; returns a new tensor of x's dtype.
-    Differentiable in x, cos and sin.
+    Differentiable in x, cos and sin (backward); forward mode (`torch.func.jvp`, forward AD) and
+    `torch.func.vmap` go through the fused kernel too, with tangents for x (tables are constants).
     """
-    return ops.rope(x, cos, sin, interleaved)
+    return RopeFunction.apply(x, cos, sin, interleaved)

@@ -175,15 +175,45 @@ def test_kv_write_rejects_mixed_devices():
         _bad_call(start=torch.tensor(0, device="meta"))
 
 
+def test_kv_write_rejects_overlapping_buffers():
+    cache = torch.zeros(1, 2, 10, 8)
+    with pytest.raises(ValueError, match="cache_k and cache_v overlap"):
+        _bad_call(cache_k=cache, cache_v=cache)
+    buffer = torch.zeros(2 * 10 * 8 + 32)
+    with pytest.raises(ValueError, match="cache_k and k overlap"):  # dense views, partly the same memory
+        _bad_call(cache_k=buffer[:160].view(1, 2, 10, 8), k=buffer[128:].view(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="share memory"):
+        _bad_call(cache_v=torch.zeros(1, 2, 1, 8).expand(1, 2, 10, 8))
+
+
+def test_kv_write_refuses_to_drop_gradients():
+    with pytest.raises(ValueError, match="must not require grad"):
+        _bad_call(k=torch.zeros(1, 2, 4, 8, requires_grad=True))
+    with torch.no_grad():
+        _bad_call(k=torch.zeros(1, 2, 4, 8, requires_grad=True))
+
+
+def test_kv_write_accepts_integer_like_start():
+    import numpy as np
+
+    cache_k, cache_v = make_cache(1, 1, 12, 4, 4, torch.float32)
+    k, v = make_tokens(1, 1, 3, 4, 4, torch.float32)
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    kv_write_reference(expected_k, expected_v, k, v, 11)
+    kv_write(cache_k, cache_v, k, v, np.int64(11))
+    torch.testing.assert_close(cache_k, expected_k, rtol=0, atol=0)
+
+
 # -------------------------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("start_kind", ["int", "cpu_tensor", "cuda_int32", "cuda_int64"])
-def test_kv_write_cuda_matches_cpu(dtype, start_kind):
+@pytest.mark.parametrize("start_choice", ["wraps", "negative", "past_ring"])
+def test_kv_write_cuda_matches_cpu(dtype, start_kind, start_choice):
     b, h, slots, n, d = 1, 12, 18720, 4680, 128
-    start = slots - n // 2  # wraps around the ring
+    start = {"wraps": slots - n // 2, "negative": -7, "past_ring": 3 * slots + 5}[start_choice]
     start_arg = {
         "int": start,
         "cpu_tensor": torch.tensor(start),

@@ -75,6 +75,47 @@ def test_rope_gradient_matches_reference(dtype):
     assert_error_within(gx, gx64, gxb, factor=3.0, name="grad x")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_jvp_matches_float64(dtype, interleaved):
+    """torch.func.jvp and forward-mode AD go through the fused op (the tangent is the rotated tangent)."""
+    x, cos, sin = make_inputs((2, 3, 21, 64), dtype, start=77)
+    tangent = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    out, t_out = torch.func.jvp(lambda a: apply_rope(a, cos, sin, interleaved=interleaved), (x,), (tangent,))
+    exact_out, exact_t = torch.func.jvp(
+        lambda a: rope_reference(a, cos.double(), sin.double(), interleaved), (x.double(),), (tangent.double(),)
+    )
+    torch_same_dtype = rope_reference(tangent, cos.to(dtype), sin.to(dtype), interleaved)
+    assert_error_within(out, exact_out, rope_reference(x, cos.to(dtype), sin.to(dtype), interleaved))
+    assert_error_within(t_out, exact_t, torch_same_dtype, name="tangent")
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, tangent)
+        fwd_t = torch.autograd.forward_ad.unpack_dual(apply_rope(dual, cos, sin, interleaved=interleaved)).tangent
+    torch.testing.assert_close(fwd_t, t_out, rtol=0, atol=0)
+
+
+def test_rope_jvp_refuses_table_tangents():
+    x, cos, sin = make_inputs((1, 2, 5, 8), torch.float64)
+    with pytest.raises(NotImplementedError, match="with respect to cos/sin"):
+        torch.func.jvp(lambda c: apply_rope(x, c, sin), (cos,), (torch.ones_like(cos),))
+
+
+def test_rope_vmap_shared_and_per_sample_tables():
+    xs = torch.randn(4, 2, 3, 9, 8, dtype=torch.float64)
+    cos, sin = rope_tables(RopeSpec(8), 9, start=5, dtype=torch.float64)
+    batched = torch.func.vmap(lambda a: apply_rope(a, cos, sin))(xs)
+    torch.testing.assert_close(batched, torch.stack([rope_reference(a, cos, sin) for a in xs]), rtol=0, atol=1e-12)
+    tables = [rope_tables(RopeSpec(8), 9, start=s, dtype=torch.float64) for s in range(4)]
+    coss, sins = torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
+    per_sample = torch.func.vmap(lambda a, c, s: apply_rope(a, c, s), in_dims=(1, 0, 0))(xs.transpose(0, 1), coss, sins)
+    expected = torch.stack([rope_reference(xs[i], coss[i], sins[i]) for i in range(4)])
+    torch.testing.assert_close(per_sample, expected, rtol=0, atol=1e-12)
+    # jvp composed with vmap (per-sample tangents through a shared-table rotation)
+    tangents = torch.randn_like(xs)
+    _, t_out = torch.func.vmap(lambda a, t: torch.func.jvp(lambda b: apply_rope(b, cos, sin), (a,), (t,)))(xs, tangents)
+    torch.testing.assert_close(t_out, torch.stack([rope_reference(t, cos, sin) for t in tangents]), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rope_opcheck(interleaved):
     x, cos, sin = make_inputs((2, 3, 7, 8), torch.float32)

@@ -6,6 +6,7 @@ allowed, ascending, -1 padding), and the listed tiles must cover every allowed p
 """
 
 import random
+import sys
 
 import pytest
 import torch
@@ -138,6 +139,13 @@ def test_schedule_with_empty_sequence():
     assert schedule.q_count.tolist() == [[[0]]]
 
 
+def test_chunk_causal_schedule_with_huge_window_equals_no_window():
+    """A window past position 0 restricts nothing (and must not overflow in the classifier)."""
+    for window in (10**6, sys.maxsize):
+        huge = chunk_causal_schedule(100, 100, 16, 16, 8, window=window, sink=3, q_offset=40)
+        assert_schedule_equal(huge, chunk_causal_schedule(100, 100, 16, 16, 8, sink=3, q_offset=40), window)
+
+
 def test_schedule_on_meta_device_has_the_output_shapes():
     schedule = chunk_causal_schedule(300, 500, 128, 64, 39, window=117, device="meta")
     assert schedule.kv_index.shape == (1, 1, 3, 8) and schedule.q_full.shape == (1, 1, 8, 3)
@@ -166,6 +174,8 @@ def test_schedule_opcheck():
         (dict(q_offset=-3), "q_offset and kv_offset must be >= 0"),
         (dict(block_m=0), "block_m and block_n must be >= 1"),
         (dict(lq=-1), "lq and lk must be >= 0"),
+        (dict(q_offset=2**62), "positions must stay below 2"),
+        (dict(kv_offset=2**62 - 5), "positions must stay below 2"),
     ],
 )
 def test_chunk_causal_schedule_rejects_bad_parameters(kwargs, match):

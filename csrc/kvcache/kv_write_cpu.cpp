@@ -1,5 +1,6 @@
 // CPU ring-buffer write with fused RoPE (and the argument checks shared with the CUDA glue).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -42,6 +43,22 @@ void check_kv_write_args(const at::Tensor& cache_k, const at::Tensor& cache_v, c
   TORCH_CHECK_VALUE(start.device() == cache_k.device() || start.is_cpu(), op,
                     ": start must be on the cache's device (", cache_k.device(), ") or a CPU scalar, got ",
                     start.device());
+  // Threads write cache slots in parallel: a cache whose elements alias (e.g. an expanded tensor) or
+  // that overlaps another argument would race. Like torch's in-place ops, overlap is detected where it
+  // is decidable cheaply (dense tensors); interleaved layouts such as a packed [B, S, 2, H, D] buffer
+  // share a storage without sharing elements and pass.
+  for (const auto& [cache, cache_name] : {std::pair{&cache_k, "cache_k"}, std::pair{&cache_v, "cache_v"}}) {
+    TORCH_CHECK_VALUE(at::has_internal_overlap(*cache) != at::MemOverlap::Yes, op, ": ", cache_name,
+                      " has elements that share memory (an expanded or broadcast tensor?); it must be writable "
+                      "element by element");
+    for (const auto& [other, other_name] :
+         {std::pair{&cache_v, "cache_v"}, std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+      if (other == cache) continue;
+      const auto status = at::get_overlap_status(*cache, *other);
+      TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, ": ",
+                        cache_name, " and ", other_name, " overlap in memory");
+    }
+  }
   TORCH_CHECK_VALUE(cos.has_value() == sin.has_value(), op, ": pass both cos and sin or neither");
   if (cos.has_value()) check_rope_tables(k, "k", *cos, *sin, op);
 }

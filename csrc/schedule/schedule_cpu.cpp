@@ -37,7 +37,16 @@ ChunkCausalParams make_chunk_causal_params(int64_t lq, int64_t lk, int64_t block
   TORCH_CHECK_VALUE(sink >= 0, op, ": sink must be >= 0 tokens, got ", sink);
   TORCH_CHECK_VALUE(q_offset >= 0 && kv_offset >= 0, op, ": q_offset and kv_offset must be >= 0, got q_offset = ",
                     q_offset, ", kv_offset = ", kv_offset);
-  return ChunkCausalParams{lq, lk, block_m, block_n, chunk_size, window.value_or(-1), sink, q_offset, kv_offset};
+  // Positions stay below 2^62 so the classifier's sums (k_last + window, end(p)) cannot overflow.
+  constexpr int64_t kMaxPosition = int64_t{1} << 62;
+  TORCH_CHECK_VALUE(lq < kMaxPosition && lk < kMaxPosition && chunk_size < kMaxPosition &&
+                        q_offset < kMaxPosition - lq - chunk_size && kv_offset < kMaxPosition - lk,
+                    op, ": positions must stay below 2^62, got q_offset = ", q_offset, ", lq = ", lq,
+                    ", chunk_size = ", chunk_size, ", kv_offset = ", kv_offset, ", lk = ", lk);
+  // A window reaching back past position 0 from the last query's chunk end restricts nothing.
+  int64_t window_tokens = window.value_or(-1);
+  if (lq > 0 && window_tokens >= chunk_end(q_offset + lq - 1, chunk_size)) window_tokens = -1;
+  return ChunkCausalParams{lq, lk, block_m, block_n, chunk_size, window_tokens, sink, q_offset, kv_offset};
 }
 
 BlockMaskParams make_block_mask_params(const at::Tensor& block_mask, int64_t lq, int64_t lk, int64_t block_m,
