@@ -89,20 +89,18 @@ void kv_write_cpu(const at::Tensor& cache_k, const at::Tensor& cache_v, const at
         for (int64_t row = row_begin; row < row_end; ++row) {
           const int64_t token = row % tokens, h = (row / tokens) % heads, b = row / (tokens * heads);
           const int64_t slot = floor_mod(start_pos + token, slots);
+          const T* k_row = k_ptr + kd.offset(b, h, token, 0);
+          T* cache_k_row = cache_k_ptr + ck.offset(b, h, slot, 0);
           if (rotate) {
             for (int64_t pair = 0; pair < half_dim; ++pair) {
-              int64_t d1, d2;
-              rope_pair_dims(pair, half_dim, interleaved, d1, d2);
-              Acc y1, y2;
-              rope_rotate(static_cast<Acc>(k_ptr[kd.offset(b, h, token, d1)]),
-                          static_cast<Acc>(k_ptr[kd.offset(b, h, token, d2)]),
-                          static_cast<Acc>(cos_ptr[cos_desc.offset(token, pair)]),
-                          static_cast<Acc>(sin_ptr[sin_desc.offset(token, pair)]), y1, y2);
-              cache_k_ptr[ck.offset(b, h, slot, d1)] = static_cast<T>(y1);
-              cache_k_ptr[ck.offset(b, h, slot, d2)] = static_cast<T>(y2);
+              rope_rotate_pair(
+                  pair, half_dim, interleaved, static_cast<Acc>(cos_ptr[cos_desc.offset(token, pair)]),
+                  static_cast<Acc>(sin_ptr[sin_desc.offset(token, pair)]),
+                  [&](int64_t d) { return static_cast<Acc>(k_row[d * kd.stride[3]]); },
+                  [&](int64_t d, Acc y) { cache_k_row[d * ck.stride[3]] = static_cast<T>(y); });
             }
           } else {
-            for (int64_t d = 0; d < key_dim; ++d) cache_k_ptr[ck.offset(b, h, slot, d)] = k_ptr[kd.offset(b, h, token, d)];
+            for (int64_t d = 0; d < key_dim; ++d) cache_k_row[d * ck.stride[3]] = k_row[d * kd.stride[3]];
           }
           for (int64_t d = 0; d < value_dim; ++d) {
             cache_v_ptr[cv.offset(b, h, slot, d)] = v_ptr[vd.offset(b, h, token, d)];

@@ -38,14 +38,10 @@ __global__ void kv_write_kernel(T* __restrict__ cache_k, Tensor4 cache_k_desc, T
       const int64_t d = item - key_items;
       cache_v[cache_v_desc.offset(b, h, slot, d)] = v[v_desc.offset(b, h, token, d)];
     } else if (rotate) {
-      int64_t d1, d2;
-      rope_pair_dims(item, half_dim, interleaved, d1, d2);
-      Acc y1, y2;
-      rope_rotate(to_acc(k_row[d1 * k_desc.stride[3]]), to_acc(k_row[d2 * k_desc.stride[3]]),
-                  static_cast<Acc>(cos[cos_desc.offset(token, item)]), static_cast<Acc>(sin[sin_desc.offset(token, item)]),
-                  y1, y2);
-      cache_k_row[d1 * cache_k_desc.stride[3]] = from_acc<T>(y1);
-      cache_k_row[d2 * cache_k_desc.stride[3]] = from_acc<T>(y2);
+      rope_rotate_pair(
+          item, half_dim, interleaved, static_cast<Acc>(cos[cos_desc.offset(token, item)]),
+          static_cast<Acc>(sin[sin_desc.offset(token, item)]), [&](int64_t d) { return to_acc(k_row[d * k_desc.stride[3]]); },
+          [&](int64_t d, Acc y) { cache_k_row[d * cache_k_desc.stride[3]] = from_acc<T>(y); });
     } else {
       cache_k_row[item * cache_k_desc.stride[3]] = k_row[item * k_desc.stride[3]];
     }

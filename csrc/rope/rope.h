@@ -11,22 +11,18 @@
 
 namespace fastdistill {
 
-// Element indices of rotation pair `pair` in a head of `half_dim` = D/2 pairs.
-FD_HOST_DEVICE void rope_pair_dims(int64_t pair, int64_t half_dim, bool interleaved, int64_t& d1, int64_t& d2) {
-  if (interleaved) {
-    d1 = 2 * pair;
-    d2 = 2 * pair + 1;
-  } else {
-    d1 = pair;
-    d2 = pair + half_dim;
-  }
-}
-
-// (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), in the accumulation type `Acc`.
-template <typename Acc>
-FD_HOST_DEVICE void rope_rotate(Acc x1, Acc x2, Acc c, Acc s, Acc& y1, Acc& y2) {
-  y1 = x1 * c - x2 * s;
-  y2 = x1 * s + x2 * c;
+// Rotates pair `pair` of one head of `half_dim` = D/2 pairs by the angle with cosine c and sine s:
+// (x1, x2) -> (x1 c - x2 s, x1 s + x2 c) in the accumulation type Acc. `load(d)` returns element d of
+// the input row as Acc and `store(d, y)` writes element d of the output row, so each caller keeps
+// its own addressing and conversions while the pair layout and the formula live here only.
+template <typename Acc, typename Load, typename Store>
+FD_HOST_DEVICE void rope_rotate_pair(int64_t pair, int64_t half_dim, bool interleaved, Acc c, Acc s, const Load& load,
+                                     const Store& store) {
+  const int64_t d1 = interleaved ? 2 * pair : pair;
+  const int64_t d2 = interleaved ? 2 * pair + 1 : pair + half_dim;
+  const Acc x1 = load(d1), x2 = load(d2);
+  store(d1, x1 * c - x2 * s);
+  store(d2, x1 * s + x2 * c);
 }
 
 }  // namespace fastdistill

@@ -35,16 +35,14 @@ at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor
                        [&](int64_t row_begin, int64_t row_end) {
                          for (int64_t row = row_begin; row < row_end; ++row) {
                            const int64_t token = row % length, h = (row / length) % heads, b = row / (length * heads);
+                           const T* x_row = x_ptr + x_desc.offset(b, h, token, 0);
+                           T* out_row = out_ptr + out_desc.offset(b, h, token, 0);
                            for (int64_t pair = 0; pair < half_dim; ++pair) {
-                             int64_t d1, d2;
-                             rope_pair_dims(pair, half_dim, interleaved, d1, d2);
-                             Acc y1, y2;
-                             rope_rotate(static_cast<Acc>(x_ptr[x_desc.offset(b, h, token, d1)]),
-                                         static_cast<Acc>(x_ptr[x_desc.offset(b, h, token, d2)]),
-                                         static_cast<Acc>(cos_ptr[cos_desc.offset(token, pair)]),
-                                         static_cast<Acc>(sin_ptr[sin_desc.offset(token, pair)]), y1, y2);
-                             out_ptr[out_desc.offset(b, h, token, d1)] = static_cast<T>(y1);
-                             out_ptr[out_desc.offset(b, h, token, d2)] = static_cast<T>(y2);
+                             rope_rotate_pair(
+                                 pair, half_dim, interleaved, static_cast<Acc>(cos_ptr[cos_desc.offset(token, pair)]),
+                                 static_cast<Acc>(sin_ptr[sin_desc.offset(token, pair)]),
+                                 [&](int64_t d) { return static_cast<Acc>(x_row[d * x_desc.stride[3]]); },
+                                 [&](int64_t d, Acc y) { out_row[d * out_desc.stride[3]] = static_cast<T>(y); });
                            }
                          }
                        });

@@ -20,14 +20,10 @@ __global__ void rope_kernel(const T* __restrict__ x, Tensor4 x_desc, const Table
   const T* x_row = x + x_desc.offset(b, h, token, 0);
   T* out_row = out + out_desc.offset(b, h, token, 0);
   for (int64_t pair = threadIdx.x; pair < half_dim; pair += blockDim.x) {
-    int64_t d1, d2;
-    rope_pair_dims(pair, half_dim, interleaved, d1, d2);
-    Acc y1, y2;
-    rope_rotate(to_acc(x_row[d1 * x_desc.stride[3]]), to_acc(x_row[d2 * x_desc.stride[3]]),
-                static_cast<Acc>(cos[cos_desc.offset(token, pair)]), static_cast<Acc>(sin[sin_desc.offset(token, pair)]),
-                y1, y2);
-    out_row[d1 * out_desc.stride[3]] = from_acc<T>(y1);
-    out_row[d2 * out_desc.stride[3]] = from_acc<T>(y2);
+    rope_rotate_pair(
+        pair, half_dim, interleaved, static_cast<Acc>(cos[cos_desc.offset(token, pair)]),
+        static_cast<Acc>(sin[sin_desc.offset(token, pair)]), [&](int64_t d) { return to_acc(x_row[d * x_desc.stride[3]]); },
+        [&](int64_t d, Acc y) { out_row[d * out_desc.stride[3]] = from_acc<T>(y); });
   }
 }
 
