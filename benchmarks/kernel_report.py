@@ -120,8 +120,18 @@ def compile_triton(entry: Any, config: Any, arch: int) -> KernelRow:
     from triton.compiler import ASTSource
 
     row = KernelRow("triton", entry.name, config.name, f"sm_{arch}", default=config.default)
+    # Mirror the launcher's run-time specialization (KernelEntry.hints): arguments equal to 1 become
+    # constants, arguments divisible by 16 get the divisibility attribute, as in triton/tools/compile.py.
+    hints = getattr(entry, "hints", {})
+    signature, constexprs = dict(entry.signature), dict(config.constexprs)
+    attrs = {}
+    for index, name in enumerate(entry.fn.arg_names):
+        if hints.get(name) == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        elif hints.get(name) == 16:
+            attrs[(index,)] = [["tt.divisibility", 16]]
     try:
-        compiled = triton.compile(ASTSource(entry.fn, entry.signature, config.constexprs),
+        compiled = triton.compile(ASTSource(entry.fn, signature, constexprs, attrs),
                                   target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     except Exception as exc:  # a config that does not compile is a report line, not a crash

@@ -1,6 +1,8 @@
 """fastdistill: fused kernels and a thin API for diffusion step distillation.
 
 Public API (see README.md):
+  attention, explain                       attention with masks (Triton on CUDA, reference on CPU)
+  masks                                    full, causal, chunk_causal, block_sparse, topk_blocks, `&`
   rope.RopeSpec, rope_tables, apply_rope   rotary embeddings (1-D and 3-D video), fused op
   kv_write                                 fused RoPE + ring-buffer write of a KV cache
   TileSchedule, chunk_causal_schedule, block_mask_schedule   attention tile schedules
@@ -9,13 +11,17 @@ Public API (see README.md):
 __version__ = "0.1.0"
 
 from . import _library  # noqa: F401  (registers torch.ops.fastdistill)
-from . import rope
+from . import masks, rope
+from .attention import attention, explain  # the function shadows the submodule name, as intended
 from .kvcache import kv_write
 from .rope import RopeSpec, apply_rope, rope_tables
 from .schedule import TileSchedule, block_mask_schedule, chunk_causal_schedule
 
 __all__ = [
     "RopeSpec",
+    "attention",
+    "explain",
+    "masks",
     "TileSchedule",
     "apply_rope",
     "block_mask_schedule",

@@ -79,3 +79,43 @@ def block_mask_schedule(
     bq, bk = mask_block
     tensors = ops.schedule_block_mask(block_mask, lq, lk, block_m, block_n, bq, bk)
     return TileSchedule(*tensors, block_m=block_m, block_n=block_n)
+
+
+TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+
+
+def _compact(visited: torch.Tensor, full: torch.Tensor):
+    """Per row of `visited` [.., n_outer, n_inner]: count, ascending indices padded with -1, full flags."""
+    n_inner = visited.shape[-1]
+    count = visited.sum(-1, dtype=torch.int32)
+    # A stable sort on "not visited" puts the visited indices first, in ascending order.
+    order = torch.sort((~visited).to(torch.uint8), dim=-1, stable=True).indices
+    valid = torch.arange(n_inner, device=visited.device) < count[..., None]
+    index = torch.where(valid, order, -1).to(torch.int32)
+    flags = torch.gather(full, -1, order) & valid
+    return count, index, flags
+
+
+def schedule_from_tile_kinds(kinds: torch.Tensor, block_m: int, block_n: int) -> TileSchedule:
+    """The schedule of a grid of tile kinds [Bm, Hm, nQ, nK] (TILE_EMPTY / TILE_PARTIAL / TILE_FULL).
+
+    Plain torch ops on the grid's device, no host sync: used for masks whose tiles are classified in
+    Python (intersections, content-aware masks) and by the reference schedule.
+    """
+    visited, full = kinds != TILE_EMPTY, kinds == TILE_FULL
+    kv = _compact(visited, full)
+    q = _compact(visited.transpose(-1, -2), full.transpose(-1, -2))
+    return TileSchedule(*kv, *q, block_m=block_m, block_n=block_n)
+
+
+def tile_kinds(schedule: TileSchedule) -> torch.Tensor:
+    """The grid of tile kinds [Bm, Hm, nQ, nK] int8 a schedule lists (the inverse of
+    `schedule_from_tile_kinds`)."""
+    index = schedule.kv_index.long()
+    listed = index >= 0
+    kinds = torch.zeros(index.shape, dtype=torch.int8, device=index.device)
+    values = torch.where(schedule.kv_full, TILE_FULL, TILE_PARTIAL).to(torch.int8) * listed
+    # Padding entries (-1) are scattered into a spare last column, which is dropped.
+    spare = torch.cat([kinds, kinds[..., :1]], dim=-1)
+    spare.scatter_(-1, torch.where(listed, index, index.shape[-1]), values)
+    return spare[..., :-1]

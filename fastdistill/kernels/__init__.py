@@ -11,8 +11,11 @@ constexpr values; nothing is compiled until the report (or a launch) asks for it
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,17 @@ class KernelEntry:
                {"q_ptr": "*fp16", "seq_len": "i32", "scale": "fp32"}; constexpr parameters are
                listed with the value "constexpr" and take their values from each config.
     configs:   the configurations the launcher may use.
+    hints:     the specializations Triton's launcher makes at run time for the inputs the kernel is
+               built for, so the ahead-of-time compile matches a real launch: 1 = the argument equals
+               1 (compiled as a constant, e.g. the unit stride of the head dim), 16 = it is divisible
+               by 16 (16-byte-aligned pointers, row strides of 16-multiple head dims).
     """
 
     name: str
     fn: Any
     signature: dict[str, str]
     configs: tuple[KernelConfig, ...] = field(default_factory=tuple)
+    hints: dict[str, int] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, KernelEntry] = {}
@@ -67,3 +75,18 @@ def registered_kernels() -> list[KernelEntry]:
     Importing this package imports every kernel module, so the list is complete.
     """
     return list(_REGISTRY.values())
+
+
+POISON_ENV = "FASTDISTILL_POISON_OUTPUTS"
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill a fresh output buffer with NaN when FASTDISTILL_POISON_OUTPUTS=1 (the tests set it), so an
+    element a kernel forgets to write shows up as NaN instead of passing on stale memory."""
+    if os.environ.get(POISON_ENV) == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+# Importing the package registers every kernel (the kernel report relies on it).
+from . import attn_bwd, attn_fwd  # noqa: E402,F401

@@ -1,7 +1,8 @@
 """Reference tile schedule: pool a dense mask over tiles and list the non-empty ones.
 
 Independent of the C++ builders (which classify tiles analytically or from mask blocks): here a tile
-is visited iff any of its in-bounds pairs is allowed and full iff all of them are, by brute force.
+is visited iff any of its in-bounds pairs is allowed and full iff all of them are, by brute force; the
+lists are then compacted by `schedule_from_tile_kinds` (plain torch ops).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..schedule import TileSchedule
+from ..schedule import TileSchedule, schedule_from_tile_kinds
 
 
 def _pool_tiles(dense: torch.Tensor, block_m: int, block_n: int, pad_value: bool, reduce) -> torch.Tensor:
@@ -20,24 +21,11 @@ def _pool_tiles(dense: torch.Tensor, block_m: int, block_n: int, pad_value: bool
     return reduce(reduce(tiles, -1), -2)
 
 
-def _compact(visited: torch.Tensor, full: torch.Tensor):
-    """Per row of `visited` [.., n_outer, n_inner]: count, ascending indices padded with -1, full flags."""
-    n_inner = visited.shape[-1]
-    count = visited.sum(-1, dtype=torch.int32)
-    # A stable sort on "not visited" puts the visited indices first, in ascending order.
-    order = torch.sort((~visited).to(torch.uint8), dim=-1, stable=True).indices
-    valid = torch.arange(n_inner, device=visited.device) < count[..., None]
-    index = torch.where(valid, order, -1).to(torch.int32)
-    flags = torch.gather(full, -1, order) & valid
-    return count, index, flags
-
-
 def schedule_from_dense(dense: torch.Tensor, block_m: int, block_n: int) -> TileSchedule:
     """Schedule of a dense mask [lq, lk] or [Bm, Hm, lq, lk] (bool), in the TileSchedule layout."""
     if dense.dim() == 2:
         dense = dense[None, None]
     any_allowed = _pool_tiles(dense, block_m, block_n, False, lambda t, d: t.any(d))
     all_allowed = _pool_tiles(dense, block_m, block_n, True, lambda t, d: t.all(d))
-    kv = _compact(any_allowed, all_allowed)
-    q = _compact(any_allowed.transpose(-1, -2), all_allowed.transpose(-1, -2))
-    return TileSchedule(*kv, *q, block_m=block_m, block_n=block_n)
+    kinds = any_allowed.to(torch.int8) + all_allowed.to(torch.int8)  # 0 empty, 1 partial, 2 full
+    return schedule_from_tile_kinds(kinds, block_m, block_n)
