@@ -185,3 +185,23 @@ def test_cuda_wan_chunk_causal(dtype):
     length = 3 * 1560
     q, k, v, grad_out = (torch.randn(1, 2, length, 128, device="cuda", dtype=dtype) for _ in range(4))
     check_against_float64(q, k, v, masks.chunk_causal(1560, window=3120, sink=1560), None, grad_out)
+
+
+def test_chunk_causal_equals_flex_attention():
+    """The same chunk-causal mask (window, sink, offsets) written as a FlexAttention mask_mod gives
+    the same attention (FlexAttention's eager CPU path)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    chunk, window, sink, q_offset = 39, 117, 10, 78
+    lq, lk = 200, 278
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        end = ((q_idx + q_offset) // chunk + 1) * chunk
+        return ((kv_idx < end) & (kv_idx >= end - window)) | (kv_idx < sink)
+
+    q = torch.randn(2, 4, lq, 32)
+    k, v = torch.randn(2, 4, lk, 32), torch.randn(2, 4, lk, 32)
+    block_mask = create_block_mask(mask_mod, None, None, lq, lk, device="cpu")
+    expected = flex_attention(q, k, v, block_mask=block_mask)
+    ours = fastdistill.attention(q, k, v, masks.chunk_causal(chunk, window=window, sink=sink, q_offset=q_offset))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
