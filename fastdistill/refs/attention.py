@@ -54,7 +54,8 @@ def _query_rows(x: torch.Tensor, heads_kv: int, start: int, stop: int, dtype: to
 
 def _unfold_rows(x: torch.Tensor, heads_q: int) -> torch.Tensor:
     """[B, Hkv, G * rows, E] -> [B, Hq, rows, E] (inverse of the GQA fold)."""
-    return x.view(x.shape[0], heads_q, -1, x.shape[-1])
+    rows = x.shape[1] * x.shape[2] // heads_q  # explicit: -1 is ambiguous for an empty batch
+    return x.view(x.shape[0], heads_q, rows, x.shape[-1])
 
 
 def attention_forward_reference(
