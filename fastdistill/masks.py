@@ -29,7 +29,6 @@ import torch
 
 from .refs.masks import block_mask_dense, chunk_causal_dense
 from .schedule import (
-    TILE_FULL,
     TileSchedule,
     block_mask_schedule,
     chunk_causal_schedule,

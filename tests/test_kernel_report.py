@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import kernel_report  # benchmarks/ is on pytest's pythonpath (pyproject.toml), as for a script there
 import pytest

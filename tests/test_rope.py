@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import fastdistill
 from fastdistill import RopeSpec, apply_rope, rope_tables
 from fastdistill.refs.rope import rope_reference
 from fastdistill.testing import assert_error_within

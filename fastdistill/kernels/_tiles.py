@@ -70,6 +70,25 @@ def allowed_pairs(
 
 
 # ------------------------------------------------------------------------------------------ host side
+def default_configs(tile_config, dtype, value_dim_name: str, precision: str):
+    """KernelConfigs for every (head dim 64/128, mask kind) variant a launcher compiles for `dtype`,
+    with the tiles `tile_config(head_dim, dtype, kind)` picks: what the kernel report checks."""
+    from . import KernelConfig
+
+    configs = []
+    for d in (64, 128):
+        for kind, (use_schedule, has_chunk, block_mode) in MASK_KINDS.items():
+            cfg = tile_config(d, dtype, kind)
+            configs.append(KernelConfig(
+                name=f"d{d}-{kind}-m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}",
+                constexprs={"D": d, value_dim_name: d, "HEAD_DIM": d, "HEAD_DIM_V": d, "BLOCK_M": cfg.block_m,
+                            "BLOCK_N": cfg.block_n, "USE_SCHEDULE": use_schedule, "HAS_CHUNK": has_chunk,
+                            "BLOCK_MODE": block_mode, "PRECISION": precision},
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=True,
+            ))
+    return tuple(configs)
+
+
 def runtime_hints(fn, signature: dict[str, str]) -> dict[str, int]:
     """Launch-time specializations of an attention kernel for the inputs it is built for: BHSD views
     with a unit head-dim stride (stride_*d == 1), 16-byte-aligned data and 16-multiple row/head/batch

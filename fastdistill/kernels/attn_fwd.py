@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import KernelConfig, KernelEntry, poison, register_kernel
-from ._tiles import MASK_KINDS, allowed_pairs, launch_args, runtime_hints, tile_at, tile_count
+from . import KernelEntry, poison, register_kernel
+from ._tiles import allowed_pairs, default_configs, launch_args, runtime_hints, tile_at, tile_count
 
 LOG2E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * LOG2E)
 
@@ -190,20 +190,8 @@ def _signature(dtype: str) -> dict[str, str]:
     return sig
 
 
-def _configs(dtype: torch.dtype) -> tuple[KernelConfig, ...]:
-    """Every (head dim, mask kind) variant the launcher uses for `dtype`, with its tile configuration."""
-    configs = []
-    for d in (64, 128):
-        for kind, (use_schedule, has_chunk, block_mode) in MASK_KINDS.items():
-            cfg = forward_config(d, dtype, kind)
-            configs.append(KernelConfig(
-                name=f"d{d}-{kind}-m{cfg.block_m}n{cfg.block_n}w{cfg.num_warps}",
-                constexprs=dict(D=d, DV=d, HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                USE_SCHEDULE=use_schedule, HAS_CHUNK=has_chunk, BLOCK_MODE=block_mode,
-                                PRECISION=dot_precision(dtype)),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, default=True,
-            ))
-    return tuple(configs)
+def _configs(dtype: torch.dtype):
+    return default_configs(forward_config, dtype, "DV", dot_precision(dtype))
 
 
 for _name, _dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
