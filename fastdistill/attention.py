@@ -13,7 +13,10 @@ the same function (`explain()` says which path runs and why).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .backend import select_backend
 from .masks import Mask
@@ -75,43 +78,114 @@ def explain(q, k, v, mask=None) -> str:
     return f"{backend}: {reason}"
 
 
-# torch.compile does not trace the Triton launches (schedule lookup, mask objects, kernel launch): it
-# calls them as opaque functions, so a compiled model gets the same kernels and results as eager at
-# the cost of a graph break around each call. The reference path is plain torch and traces fully.
-@torch.compiler.disable
-def _triton_forward(q, k, v, mask, scale):
+# ------------------------------------------------------------------ Triton path as torch custom ops
+# The Triton launches are registered as custom ops, so torch.compile keeps a model calling
+# `attention` in one graph and calls the kernels as they are (fake kernels give it the shapes).
+# Custom ops take tensors and plain values, not mask objects: the mask travels as its chunk-causal
+# parameters and its block mask, and is rebuilt here, cached, so its tile schedules are built once.
+
+def _mask_params(mask) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    """(chunk params [chunk_size, window (-1 none), sink, q_offset, kv_offset] or [], block mask or None,
+    [bq, bk] or []) of a mask the Triton kernels evaluate (at most one term of each kind)."""
+    from .masks import BlockSparseMask, ChunkCausalMask
+
+    chunk, block_mask, block_size = [], None, []
+    for term in mask.terms() if mask is not None else []:
+        if isinstance(term, ChunkCausalMask):
+            window = -1 if term.window is None else term.window
+            chunk = [term.chunk_size, window, term.sink, term.q_offset, term.kv_offset]
+        elif isinstance(term, BlockSparseMask):
+            block_mask, block_size = term.block_mask, list(term.block_size)
+    return chunk, block_mask, block_size
+
+
+@functools.lru_cache(maxsize=512)
+def _chunk_mask(chunk: tuple[int, ...]):
+    from .masks import chunk_causal
+
+    if not chunk:
+        return None
+    chunk_size, window, sink, q_offset, kv_offset = chunk
+    return chunk_causal(chunk_size, window=None if window < 0 else window, sink=sink, q_offset=q_offset,
+                        kv_offset=kv_offset)
+
+
+# block mask tensor -> {params: Mask}, keyed by identity (tensors compare elementwise) and weakly
+_BLOCK_MASKS = WeakIdKeyDictionary()
+
+
+def _rebuild_mask(chunk: list[int], block_mask: torch.Tensor | None, block_size: list[int]):
+    chunk_mask = _chunk_mask(tuple(chunk))
+    if block_mask is None:
+        return chunk_mask
+    from .masks import block_sparse
+
+    per_tensor = _BLOCK_MASKS.setdefault(block_mask, {})
+    key = (tuple(chunk), tuple(block_size))
+    if key not in per_tensor:
+        mask = block_sparse(block_mask, tuple(block_size))
+        per_tensor[key] = mask if chunk_mask is None else mask & chunk_mask
+    return per_tensor[key]
+
+
+@torch.library.custom_op("fastdistill::attention_triton_fwd", mutates_args=())
+def _attention_triton_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk: list[int],
+    block_mask: torch.Tensor | None, block_size: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
     from .kernels.attn_fwd import attention_forward_triton
 
-    return attention_forward_triton(q, k, v, mask, scale)
+    return attention_forward_triton(q, k, v, _rebuild_mask(chunk, block_mask, block_size), scale)
 
 
-@torch.compiler.disable
-def _triton_backward(q, k, v, out, lse, grad_out, mask, scale):
+@_attention_triton_fwd.register_fake
+def _(q, k, v, scale, chunk, block_mask, block_size):
+    batch, heads, lq, _ = q.shape
+    out = q.new_empty(batch, heads, lq, v.shape[-1])
+    return out, q.new_empty(batch, heads, lq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdistill::attention_triton_bwd", mutates_args=())
+def _attention_triton_bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    grad_out: torch.Tensor, scale: float, chunk: list[int], block_mask: torch.Tensor | None, block_size: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from .kernels.attn_bwd import attention_backward_triton
 
-    return attention_backward_triton(q, k, v, out, lse, grad_out, mask, scale)
+    mask = _rebuild_mask(chunk, block_mask, block_size)
+    return attention_backward_triton(q, k, v, out, lse, grad_out.contiguous(), mask, scale)
 
 
-def _forward(q, k, v, mask, scale, backend):
-    if backend == "triton":
-        return _triton_forward(q, k, v, mask, scale)
-    return attention_forward_reference(q, k, v, mask, scale=scale)
+@_attention_triton_bwd.register_fake
+def _(q, k, v, out, lse, grad_out, scale, chunk, block_mask, block_size):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _backward(q, k, v, out, lse, grad_out, mask, scale, backend):
-    if backend == "triton":
-        return _triton_backward(q, k, v, out, lse, grad_out, mask, scale)
-    return attention_backward_reference(q, k, v, out, lse, grad_out, mask, scale=scale)
+def _triton_setup_context(ctx, inputs, output):
+    q, k, v, scale, chunk, block_mask, block_size = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = (scale, chunk, block_mask, block_size)
+    ctx.mark_non_differentiable(lse)
 
 
-class _Attention(torch.autograd.Function):
-    """Forward saves (q, k, v, out, lse); backward recomputes P tile by tile (no Lq x Lk storage)."""
+def _triton_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_triton_bwd(q, k, v, out, lse, grad_out, *ctx.params)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+class _ReferenceAttention(torch.autograd.Function):
+    """The reference path: forward saves (q, k, v, out, lse); backward recomputes P block by block."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, backend):
-        out, lse = _forward(q, k, v, mask, scale, backend)
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = attention_forward_reference(q, k, v, mask, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.scale, ctx.backend = mask, scale, backend
+        ctx.mask, ctx.scale = mask, scale
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -119,9 +193,9 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:
-            return None, None, None, None, None, None
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out.contiguous(), ctx.mask, ctx.scale, ctx.backend)
-        return dq, dk, dv, None, None, None
+            return None, None, None, None, None
+        dq, dk, dv = attention_backward_reference(q, k, v, out, lse, grad_out, ctx.mask, scale=ctx.scale)
+        return dq, dk, dv, None, None
 
 
 def attention(q, k, v, mask: Mask | None = None, *, scale: float | None = None, return_lse: bool = False):
@@ -138,5 +212,8 @@ def attention(q, k, v, mask: Mask | None = None, *, scale: float | None = None, 
     _check_inputs(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend, _ = _path(q, k, v, mask)
-    out, lse = _Attention.apply(q, k, v, mask, scale, backend)
+    if backend == "triton":
+        out, lse = _attention_triton_fwd(q, k, v, scale, *_mask_params(mask))
+    else:
+        out, lse = _ReferenceAttention.apply(q, k, v, mask, scale)
     return (out, lse) if return_lse else out

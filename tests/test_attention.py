@@ -118,7 +118,8 @@ def test_reference_backend_on_cpu_by_default(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_torch_compile_matches_eager(backend, monkeypatch):
-    """A small model calling fastdistill.attention compiles and gives eager's outputs and gradients."""
+    """A small model calling fastdistill.attention compiles in one graph (fullgraph) and gives eager's
+    outputs and gradients."""
     monkeypatch.setenv("FASTDISTILL_BACKEND", backend)
     torch.manual_seed(0)
     proj = torch.nn.Linear(32, 96)
@@ -131,7 +132,7 @@ def test_torch_compile_matches_eager(backend, monkeypatch):
     x = torch.randn(2, 50, 32)
     eager = block(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), list(proj.parameters()))
-    compiled = torch.compile(block)(x)
+    compiled = torch.compile(block, fullgraph=True)(x)
     compiled_grads = torch.autograd.grad(compiled.square().sum(), list(proj.parameters()))
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     for got, want in zip(compiled_grads, eager_grads):
@@ -205,3 +206,12 @@ def test_chunk_causal_equals_flex_attention():
     expected = flex_attention(q, k, v, block_mask=block_mask)
     ours = fastdistill.attention(q, k, v, masks.chunk_causal(chunk, window=window, sink=sink, q_offset=q_offset))
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_block", [False, True])
+def test_triton_custom_ops_opcheck(with_block):
+    """The Triton path is registered as custom ops (what torch.compile sees); check their registration."""
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    block_mask = torch.rand(1, 2, 3, 3) < 0.7 if with_block else None
+    args = (q, k, v, 0.25, [13, 30, 4, 0, 0], block_mask, [16, 16] if with_block else [])
+    torch.library.opcheck(torch.ops.fastdistill.attention_triton_fwd.default, args)
