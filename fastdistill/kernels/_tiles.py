@@ -6,6 +6,8 @@ step); without one (the full mask) every tile is visited and every tile is full.
 the sequence bounds; partial tiles evaluate the mask predicate element by element.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -149,21 +151,24 @@ def launch_args(mask, batch, heads, lq, lk, head_dim, dtype, tile_config, device
         block_mask = blocks[0].block_mask.to(device).expand(batch, heads, -1, -1)
         args.update(block_mask=block_mask, mask_block_q=blocks[0].block_size[0], mask_block_k=blocks[0].block_size[1])
     else:
-        args.update(block_mask=torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=device).expand(batch, heads, 1, 1),
-                    mask_block_q=1, mask_block_k=1)
+        args.update(block_mask=_unused_tensors(device).q_full.expand(batch, heads, 1, 1), mask_block_q=1,
+                    mask_block_k=1)
     if terms:
         schedule = mask.schedule(lq, lk, cfg.block_m, cfg.block_n, device)
     else:  # never read (USE_SCHEDULE=False); tensors of the right rank keep the launch uniform
-        schedule = _empty_schedule(device)
+        schedule = _unused_tensors(device)
     for name in ("kv_count", "kv_index", "kv_full", "q_count", "q_index", "q_full"):
         t = getattr(schedule, name)
         args[name] = t.expand(batch, heads, *t.shape[2:])
     return cfg, args
 
 
-def _empty_schedule(device):
+@functools.lru_cache(maxsize=None)
+def _unused_tensors(device):
+    """Placeholders for the arguments a kernel variant never reads (the schedule of the full mask, the
+    block mask of a mask without one), made once per device rather than on every launch."""
     from ..schedule import TileSchedule
 
-    ints, bools = torch.zeros(1, 1, 1, dtype=torch.int32, device=device), torch.zeros(1, 1, 1, 1, dtype=torch.bool,
-                                                                                       device=device)
+    ints = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
+    bools = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=device)
     return TileSchedule(ints, ints[..., None], bools, ints, ints[..., None], bools, block_m=1, block_n=1)
