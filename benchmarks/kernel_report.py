@@ -17,7 +17,7 @@ CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES).
 Exit status 1 when a *default* Triton configuration or any .cu kernel spills, or anything fails to
 compile; non-default configurations are reported but do not fail the run.
 
-  python benchmarks/kernel_report.py [--arch 90,80] [--skip-triton] [--skip-cuda]
+  python benchmarks/kernel_report.py [--arch 90,80] [--skip-triton] [--skip-cuda] [--kernels attn_jvp,...]
                                      [--cu-files A.cu ...] [--jobs 2] [--json PATH]
 """
 
@@ -260,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="comma-separated archs (90 = sm_90 for Triton, sm_90a for nvcc)")
     parser.add_argument("--skip-triton", action="store_true", help="skip the Triton kernels")
     parser.add_argument("--skip-cuda", action="store_true", help="skip the .cu files")
+    parser.add_argument("--kernels", help="only the Triton kernels whose names start with one of these "
+                        "comma-separated prefixes (e.g. attn_jvp)")
     parser.add_argument("--cu-files", nargs="+", type=Path,
                         help="compile these .cu files instead of csrc/**/*.cu")
     parser.add_argument("--jobs", type=int, default=2, help="nvcc processes at once (default 2)")
@@ -275,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import fastdistill.kernels
 
             entries = fastdistill.kernels.registered_kernels()
+            if args.kernels:
+                entries = [e for e in entries if e.name.startswith(tuple(args.kernels.split(",")))]
             rows += triton_rows(entries, archs)
             n_configs = sum(len(e.configs) for e in entries)
             print(f"{len(entries)} Triton kernels registered ({n_configs} configs x {len(archs)} archs, "

@@ -2,6 +2,7 @@
 
 Public API (see README.md):
   attention, explain                       attention with masks (Triton on CUDA, reference on CPU)
+  attention_jvp                            attention and its forward-mode derivative in one pass
   masks                                    full, causal, chunk_causal, block_sparse, topk_blocks, `&`
   sdpa, patch_sdpa                         drop-in F.scaled_dot_product_attention and a patch for it
   rope.RopeSpec, rope_tables, apply_rope   rotary embeddings (1-D and 3-D video), fused op
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 from . import _library  # noqa: F401  (registers torch.ops.fastdistill)
 from . import masks, rope
-from .attention import attention, explain  # the function shadows the submodule name, as intended
+from .attention import attention, attention_jvp, explain  # the function shadows the submodule name, as intended
 from .sdpa import patch_sdpa, sdpa
 from .kvcache import kv_write
 from .rope import RopeSpec, apply_rope, rope_tables
@@ -22,6 +23,7 @@ from .schedule import TileSchedule, block_mask_schedule, chunk_causal_schedule
 __all__ = [
     "RopeSpec",
     "attention",
+    "attention_jvp",
     "explain",
     "masks",
     "patch_sdpa",

@@ -16,11 +16,17 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .backend import select_backend
 from .masks import Mask
-from .refs.attention import attention_backward_reference, attention_forward_reference
+from .refs.attention import (
+    _AttentionReference,
+    attention_backward_reference,
+    attention_forward_reference,
+    attention_jvp_reference,
+)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_MAX_HEAD_DIM = 256
@@ -178,24 +184,170 @@ def _triton_backward(ctx, grad_out, _grad_lse):
 _attention_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-class _ReferenceAttention(torch.autograd.Function):
-    """The reference path: forward saves (q, k, v, out, lse); backward recomputes P block by block."""
+
+@torch.library.custom_op("fastdistill::attention_triton_jvp", mutates_args=())
+def _attention_triton_jvp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tq: torch.Tensor | None, tk: torch.Tensor | None, tv: torch.Tensor | None,
+    scale: float, chunk: list[int], block_mask: torch.Tensor | None, block_size: list[int],
+    tangent_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .kernels.attn_jvp import attention_jvp_triton
+
+    mask = _rebuild_mask(chunk, block_mask, block_size)
+    return attention_jvp_triton(q, k, v, tq, tk, tv, mask, scale, tangent_dtype)
+
+
+@_attention_triton_jvp.register_fake
+def _(q, k, v, tq, tk, tv, scale, chunk, block_mask, block_size, tangent_dtype):
+    batch, heads, lq, _ = q.shape
+    out = q.new_empty(batch, heads, lq, v.shape[-1])
+    t_out = q.new_empty(batch, heads, lq, v.shape[-1], dtype=tangent_dtype)
+    stats = q.new_empty(batch, heads, lq, dtype=torch.float32)
+    return out, t_out, stats, torch.empty_like(stats)
+
+
+def _triton_jvp_setup_context(ctx, inputs, output):
+    q, k, v, _tq, _tk, _tv, scale, chunk, block_mask, block_size, _ = inputs
+    out, t_out, lse, mu = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = (scale, chunk, block_mask, block_size)
+    ctx.mark_non_differentiable(t_out, lse, mu)
+
+
+def _triton_jvp_backward(ctx, grad_out, _grad_t_out, _grad_lse, _grad_mu):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_triton_bwd(q, k, v, out, lse, grad_out, *ctx.params)
+    return (dq, dk, dv) + (None,) * 8
+
+
+# attention_jvp's primal output is differentiable (MeanFlow trains through it): the flash backward
+# with the lse of the same pass.
+_attention_triton_jvp.register_autograd(_triton_jvp_backward, setup_context=_triton_jvp_setup_context)
+
+
+class _ReferenceAttentionJvp(torch.autograd.Function):
+    """attention_jvp on the reference backend; out is differentiable through the reference backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale):
-        out, lse = attention_forward_reference(q, k, v, mask, scale=scale)
+    def forward(q, k, v, tq, tk, tv, mask, scale, tangent_dtype):
+        return attention_jvp_reference(q, k, v, tq, tk, tv, mask, scale=scale, tangent_dtype=tangent_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _tq, _tk, _tv, mask, scale, _ = inputs
+        out, t_out, lse, mu = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale = mask, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+        ctx.mark_non_differentiable(t_out, lse, mu)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_t_out, _grad_lse, _grad_mu):
         q, k, v, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            return None, None, None, None, None
         dq, dk, dv = attention_backward_reference(q, k, v, out, lse, grad_out, ctx.mask, scale=ctx.scale)
-        return dq, dk, dv, None, None
+        return (dq, dk, dv) + (None,) * 6
+
+
+def _fold_vmapped(x, dim, size):
+    """[.., V at dim, ..] (or unbatched, dim None) -> [V * B, ...]: a vmapped dim folded into the batch."""
+    if x is None:
+        return None
+    x = x.movedim(dim, 0) if dim is not None else x.expand(size, *x.shape)
+    return x.reshape(size * x.shape[1], *x.shape[2:])
+
+
+class _AttentionTangent(torch.autograd.Function):
+    """t_out (q's dtype) of attention at (q, k, v) along (tq, tk, tv) (None = zero): the fused kernel on
+    the Triton backend, the reference JVP otherwise. A Function of its own so that the JVP rule of
+    `_Attention` also runs under torch.func.vmap (its vmap rule folds the vmapped dim into the batch).
+    Not differentiable: the tangent output is not differentiated further."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, mask, scale, backend):
+        if backend == "triton":
+            return _attention_triton_jvp(q, k, v, tq, tk, tv, scale, *_mask_params(mask), q.dtype)[1]
+        return attention_jvp_reference(q, k, v, tq, tk, tv, mask, scale=scale)[1]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        raise NotImplementedError("fastdistill.attention: the tangent output is not differentiable")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, tq, tk, tv, mask, scale, backend):
+        size = info.batch_size
+        tensors = [_fold_vmapped(x, d, size) for x, d in zip((q, k, v, tq, tk, tv), in_dims[:6])]
+        folded_mask = mask.repeat_batch(size) if mask is not None else None
+        t_out = _AttentionTangent.apply(*tensors, folded_mask, scale, backend)
+        return t_out.unflatten(0, (size, -1)), 0
+
+
+class _Attention(torch.autograd.Function):
+    """Eager `attention`: out, lse with the flash backward (reverse mode), the fused JVP kernel
+    (forward mode: torch.func.jvp, torch.autograd.forward_ad) and a vmap rule (torch.func.vmap).
+
+    Under forward AD the primal comes from the plain forward and the tangent from the JVP kernel, which
+    also recomputes out (8 matmul units with all three tangents against the 6 of `attention_jvp`, which
+    returns both from one pass). Inputs without a tangent arrive as None (unmaterialized), so their
+    matmuls are skipped, as for a frozen text context in cross-attention. The primal output stays
+    differentiable (MeanFlow): its backward is the flash backward with the lse saved here. The tangent
+    output is not differentiated further.
+    """
+
+    @staticmethod
+    def forward(q, k, v, mask, scale, backend):
+        if backend == "triton":
+            return _attention_triton_fwd(q, k, v, scale, *_mask_params(mask))
+        return attention_forward_reference(q, k, v, mask, scale=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, scale, backend = inputs
+        out, lse = output
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_forward(q, k, v)
+        ctx.mask, ctx.scale, ctx.backend = mask, scale, backend
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        if grad_out is None:
+            return (None,) * 6
+        q, k, v, out, lse = ctx.saved_tensors
+        if ctx.backend == "triton":
+            dq, dk, dv = _attention_triton_bwd(q, k, v, out, lse, grad_out, ctx.scale, *_mask_params(ctx.mask))
+        else:
+            dq, dk, dv = attention_backward_reference(q, k, v, out, lse, grad_out, ctx.mask, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, *_):
+        q, k, v = ctx.saved_tensors[:3]
+        if tq is None and tk is None and tv is None:
+            return None, None
+        return _AttentionTangent.apply(q, k, v, tq, tk, tv, ctx.mask, ctx.scale, ctx.backend), None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, mask, scale, backend):
+        # Fold the vmapped dim into the batch ([V, B, ...] -> [V * B, ...]); a per-batch mask repeats V times.
+        size = info.batch_size
+        q, k, v = (_fold_vmapped(x, d, size) for x, d in zip((q, k, v), in_dims[:3]))
+        folded_mask = mask.repeat_batch(size) if mask is not None else None
+        out, lse = _Attention.apply(q, k, v, folded_mask, scale, backend)
+        return (out.unflatten(0, (size, -1)), lse.unflatten(0, (size, -1))), (0, 0)
+
+
+def _forward_ad_active() -> bool:
+    """Whether forward-mode AD may be propagating tangents (the condition Dynamo uses in pytorch #193277)."""
+    from torch.autograd import forward_ad
+
+    return getattr(forward_ad, "_current_level", -1) >= 0 and torch._C._is_fwd_grad_enabled()
 
 
 def attention(q, k, v, mask: Mask | None = None, *, scale: float | None = None, return_lse: bool = False):
@@ -207,13 +359,79 @@ def attention(q, k, v, mask: Mask | None = None, *, scale: float | None = None, 
 
     Returns out [B, Hq, Lq, Dv] in the input dtype, and with return_lse also lse [B, Hq, Lq] (float32;
     float64 for float64 inputs), the log-sum-exp of the scaled allowed scores of each row. A row with
-    no allowed key gets out = 0 and lse = -inf. Differentiable in q, k and v (not in lse).
+    no allowed key gets out = 0 and lse = -inf. Differentiable in q, k and v (not in lse), in reverse
+    mode and in forward mode (torch.func.jvp, torch.autograd.forward_ad: the tangent comes from the
+    fused JVP kernel); torch.func.vmap works over it.
+
+    Under torch.compile the call compiles into the graph (custom ops), but forward-mode AD inside a
+    compiled region raises: Dynamo would drop the JVP rule and differentiate the forward instead
+    (pytorch #192985). Call torch.func.jvp outside the compiled function.
     """
     _check_inputs(q, k, v, mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend, _ = _path(q, k, v, mask)
-    if backend == "triton":
+    if not torch.compiler.is_compiling():
+        out, lse = _Attention.apply(q, k, v, mask, scale, backend)
+    elif _forward_ad_active():
+        raise RuntimeError(
+            "fastdistill.attention: forward-mode AD (torch.func.jvp / torch.autograd.forward_ad) inside "
+            "torch.compile is not supported: Dynamo drops custom JVP rules and would return wrong tangents "
+            "(pytorch issue #192985). Call torch.func.jvp outside the compiled function, or use "
+            "fastdistill.attention_jvp explicitly."
+        )
+    elif backend == "triton":
         out, lse = _attention_triton_fwd(q, k, v, scale, *_mask_params(mask))
     else:
-        out, lse = _ReferenceAttention.apply(q, k, v, mask, scale)
+        out, lse = _AttentionReference.apply(q, k, v, mask, scale)
     return (out, lse) if return_lse else out
+
+
+def _check_tangents(q, k, v, tq, tk, tv):
+    for name, t, primal, primal_name in (("tq", tq, q, "q"), ("tk", tk, k, "k"), ("tv", tv, v, "v")):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention_jvp: {name} must be a tensor or None, got {type(t).__name__}")
+        if t.shape != primal.shape:
+            raise ValueError(f"attention_jvp: {name} must have the shape of {primal_name} {tuple(primal.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != primal.dtype:
+            raise TypeError(f"attention_jvp: {name} must have the dtype of {primal_name} ({primal.dtype}), got {t.dtype}")
+        if t.device != primal.device:
+            raise ValueError(f"attention_jvp: {name} is on {t.device}, {primal_name} on {primal.device}")
+
+
+def attention_jvp(q, k, v, tq=None, tk=None, tv=None, mask: Mask | None = None, *, scale: float | None = None,
+                  tangent_dtype: torch.dtype | None = None, return_stats: bool = False):
+    """Attention and its forward-mode derivative in one pass (the fused JVP kernel on CUDA).
+
+    q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] and mask, scale as in `attention`; tq, tk,
+    tv: tangents of q, k, v (same shapes and dtypes), None meaning zero: the matmuls of a None tangent
+    are skipped (all three cost 3x a forward, tq and tk 2.5x, tq only 2x, tv only 1.5x).
+    tangent_dtype: dtype of t_out, q's dtype (default) or torch.float32 (rounding t_out to bf16 alone
+    costs ~2e-3 relative).
+
+    Returns (out, t_out), and with return_stats also lse and mu [B, Hq, Lq] (float32; float64 for
+    float64 inputs): mu = sum_j P_ij tS_ij = d lse, which with lse merges results across key shards.
+    Rows with no allowed key give out = t_out = 0, lse = -inf, mu = 0. out is differentiable in q, k, v
+    (flash backward with this pass's lse); t_out, lse and mu are not.
+
+    Accuracy: t_out is exact in the inputs' precision even when keys or key tangents share a large
+    component (adaLN modulation): the kernel subtracts the exact per-row constant of tS that such a
+    component causes before rounding (notes/jvp_attention.md).
+    """
+    _check_inputs(q, k, v, mask, op="attention_jvp")
+    _check_tangents(q, k, v, tq, tk, tv)
+    if tangent_dtype is None:
+        tangent_dtype = q.dtype
+    allowed = {q.dtype, torch.float32} if q.dtype != torch.float64 else {torch.float64}
+    if tangent_dtype not in allowed:
+        raise TypeError(f"attention_jvp: tangent_dtype must be one of {sorted(map(str, allowed))} for {q.dtype} "
+                        f"inputs, got {tangent_dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend, _ = _path(q, k, v, mask)
+    if backend == "triton":
+        out, t_out, lse, mu = _attention_triton_jvp(q, k, v, tq, tk, tv, scale, *_mask_params(mask), tangent_dtype)
+    else:
+        out, t_out, lse, mu = _ReferenceAttentionJvp.apply(q, k, v, tq, tk, tv, mask, scale, tangent_dtype)
+    return (out, t_out, lse, mu) if return_stats else (out, t_out)

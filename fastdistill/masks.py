@@ -90,6 +90,11 @@ class Mask:
                 f"and heads {heads} of the attention"
             )
 
+    def repeat_batch(self, times: int) -> Mask:
+        """This mask for a batch repeated `times` times along dim 0 (index r * B + b -> b), as
+        `torch.func.vmap` folds its dim into the batch. Masks shared over the batch return themselves."""
+        return self
+
     def __and__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
@@ -180,6 +185,11 @@ class BlockSparseMask(Mask):
                 f"does not fit lq = {lq}, lk = {lk} (needs {want[0]} x {want[1]} blocks)"
             )
 
+    def repeat_batch(self, times):
+        if self.block_mask.shape[0] == 1:
+            return self
+        return BlockSparseMask(self.block_mask.repeat(times, 1, 1, 1), self.block_size)
+
     def dense_rows(self, row_start, row_stop, lk, device=None):
         bq, _ = self.block_size
         first, last = row_start // bq, -(-row_stop // bq)
@@ -207,6 +217,9 @@ class IntersectionMask(Mask):
         bm = max((p.batch_heads[0] for p in self.parts), default=1)
         hm = max((p.batch_heads[1] for p in self.parts), default=1)
         return bm, hm
+
+    def repeat_batch(self, times):
+        return IntersectionMask(tuple(part.repeat_batch(times) for part in self.parts))
 
     def check_shape(self, batch, heads, lq, lk):
         for part in self.parts:

@@ -89,4 +89,4 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 # Importing the package registers every kernel (the kernel report relies on it).
-from . import attn_bwd, attn_fwd  # noqa: E402,F401
+from . import attn_bwd, attn_fwd, attn_jvp  # noqa: E402,F401

@@ -95,7 +95,8 @@ def runtime_hints(fn, signature: dict[str, str]) -> dict[str, int]:
     """Launch-time specializations of an attention kernel for the inputs it is built for: BHSD views
     with a unit head-dim stride (stride_*d == 1), 16-byte-aligned data and 16-multiple row/head/batch
     strides. Other strides compile a variant of their own; the kernel report checks this one."""
-    tensor_strides = tuple(f"stride_{t}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"))
+    tensor_strides = tuple(f"stride_{t}" for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv", "tq", "tk",
+                                                         "tv", "to"))
     hints = {}
     for name in fn.arg_names:
         if name.startswith(tensor_strides) and name.endswith("d"):
@@ -116,10 +117,16 @@ MASK_KINDS = {
     "chunk+block-any-size": (True, True, 2),
 }
 
-def launch_args(mask, batch, heads, lq, lk, head_dim, dtype, tile_config, device):
+# The full mask walked through its tile list (every tile full) instead of counted: for kernels whose
+# counted full-mask loop, which Triton pipelines more deeply, spills (the JVP kernel at D = 128).
+FULL_LISTED = ("full-listed", (True, False, 0))
+
+
+def launch_args(mask, batch, heads, lq, lk, head_dim, dtype, tile_config, device, *, list_full=False):
     """(tile configuration, kernel arguments describing `mask`) for one launch.
 
-    `tile_config(head_dim, dtype, kind)` picks the tile configuration for a mask kind of MASK_KINDS. The arguments hold the
+    `tile_config(head_dim, dtype, kind)` picks the tile configuration for a mask kind of MASK_KINDS (or
+    FULL_LISTED's with list_full, for a mask without terms). The arguments hold the
     schedule tensors expanded to [batch, heads, ...] (stride 0 where the mask is shared, so nothing is
     copied), the chunk-causal parameters and the block mask, plus the constexprs USE_SCHEDULE /
     HAS_CHUNK / BLOCK_MODE. The Triton kernels AND at most one chunk-causal term and one block-sparse
@@ -136,13 +143,15 @@ def launch_args(mask, batch, heads, lq, lk, head_dim, dtype, tile_config, device
             f"mask; got {[type(t).__name__ for t in terms]} (use the reference backend for other masks)"
         )
     kind = "full" if not terms else "+".join(["chunk"] * bool(chunks) + ["block"] * bool(blocks))
+    if not terms and list_full:
+        kind = FULL_LISTED[0]
     cfg = tile_config(head_dim, dtype, kind)
     # A block term costs one bit per row when the tile's columns sit in one mask-block column;
     # otherwise it is read per element, with narrower tiles.
     if blocks and blocks[0].block_size[1] % cfg.block_n:
         kind += "-any-size"
         cfg = tile_config(head_dim, dtype, kind)
-    use_schedule, has_chunk, block_mode = MASK_KINDS[kind]
+    use_schedule, has_chunk, block_mode = dict([FULL_LISTED], **MASK_KINDS)[kind]
     args = dict(USE_SCHEDULE=use_schedule, HAS_CHUNK=has_chunk, BLOCK_MODE=block_mode)
     chunk = chunks[0] if chunks else ChunkCausalMask(1)
     args.update(chunk_size=chunk.chunk_size, window=-1 if chunk.window is None else chunk.window, sink=chunk.sink,
@@ -153,7 +162,11 @@ def launch_args(mask, batch, heads, lq, lk, head_dim, dtype, tile_config, device
     else:
         args.update(block_mask=_unused_tensors(device).q_full.expand(batch, heads, 1, 1), mask_block_q=1,
                     mask_block_k=1)
-    if terms:
+    if kind == FULL_LISTED[0]:
+        from ..masks import full
+
+        schedule = full().schedule(lq, lk, cfg.block_m, cfg.block_n, device)
+    elif terms:
         schedule = mask.schedule(lq, lk, cfg.block_m, cfg.block_n, device)
     else:  # never read (USE_SCHEDULE=False); tensors of the right rank keep the launch uniform
         schedule = _unused_tensors(device)

@@ -186,3 +186,72 @@ def attention_reference(
     """
     out, lse = _AttentionReference.apply(q, k, v, mask, scale)
     return (out, lse) if return_lse else out
+
+
+def attention_jvp_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tq: torch.Tensor | None = None,
+    tk: torch.Tensor | None = None,
+    tv: torch.Tensor | None = None,
+    mask: Mask | None = None,
+    *,
+    scale: float | None = None,
+    tangent_dtype: torch.dtype | None = None,
+    block_rows: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward-mode derivative of masked attention, `block_rows` query rows at a time.
+
+    q, k, v, mask, scale as in `attention_forward_reference`; tq, tk, tv their tangents (same shapes;
+    None = zero, and its matmul is skipped). Per block of query rows, with the whole row of keys at once
+    (so no online softmax is needed):
+
+        S = scale q k^T (masked),  P = softmax(S),  tS = scale (tq k^T + q tk^T)
+        mu = rowsum(P * tS),  t_out = (P * (tS - mu)) v + P tv
+
+    Returns out [B, Hq, Lq, Dv] (q's dtype), t_out [B, Hq, Lq, Dv] (tangent_dtype, default q's dtype), lse [B, Hq, Lq] and
+    mu [B, Hq, Lq] = d lse (float32; float64 for float64 inputs). Everything is computed in float32
+    (float64 for float64 inputs), where the cancellation in tS - mu is harmless. A row with no allowed key
+    has out = t_out = 0, lse = -inf and mu = 0. Memory: O(B * Hq * block_rows * Lk) at a time.
+    """
+    batch, heads_q, lq, dim = q.shape
+    heads_kv, lk, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    scale = dim**-0.5 if scale is None else scale
+    compute = _compute_dtype(q.dtype)
+    k_c, v_c = k.to(compute), v.to(compute)
+    tk_c = tk.to(compute) if tk is not None else None
+    tv_c = tv.to(compute) if tv is not None else None
+    out = q.new_zeros(batch, heads_q, lq, dim_v)
+    t_out = q.new_zeros(batch, heads_q, lq, dim_v, dtype=tangent_dtype or q.dtype)
+    lse = torch.full((batch, heads_q, lq), float("-inf"), dtype=compute, device=q.device)
+    mu = torch.zeros(batch, heads_q, lq, dtype=compute, device=q.device)
+    if lk == 0:
+        return out, t_out, lse, mu
+    for start in range(0, lq, block_rows):
+        stop = min(lq, start + block_rows)
+        qb = _query_rows(q, heads_kv, start, stop, compute)  # [B, Hkv, G * rows, D]
+        scores = _masked_scores(qb, k_c, mask, start, stop, scale, heads_kv)
+        row_max = scores.amax(-1, keepdim=True)
+        p = _exp_shifted_(scores, row_max)
+        row_sum = p.sum(-1, keepdim=True)
+        p.div_(row_sum.clamp_min(1.0))  # normalised; an empty row stays 0
+        block_out = torch.matmul(p, v_c)
+        block_t_out = torch.matmul(p, tv_c) if tv_c is not None else torch.zeros_like(block_out)
+        block_mu = torch.zeros_like(row_sum)
+        if tq is not None or tk is not None:
+            t_scores = torch.zeros_like(p)
+            if tq is not None:
+                t_scores += torch.matmul(_query_rows(tq, heads_kv, start, stop, compute), k_c.transpose(-1, -2))
+            if tk_c is not None:
+                t_scores += torch.matmul(qb, tk_c.transpose(-1, -2))
+            t_scores.mul_(scale)
+            # tP = P * (tS - mu) formed before the matmul: no cancellation between (P * tS) v and mu * out.
+            # Masked pairs have p = 0, so their (finite) tS never contributes.
+            block_mu = (t_scores * p).sum(-1, keepdim=True)
+            block_t_out += torch.matmul(t_scores.sub_(block_mu).mul_(p), v_c)
+        out[:, :, start:stop] = _unfold_rows(block_out, heads_q)
+        t_out[:, :, start:stop] = _unfold_rows(block_t_out, heads_q)
+        lse[:, :, start:stop] = _unfold_rows(row_max + row_sum.log(), heads_q)[..., 0]
+        mu[:, :, start:stop] = _unfold_rows(block_mu, heads_q)[..., 0]
+    return out, t_out, lse, mu
