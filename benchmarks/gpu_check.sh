@@ -71,6 +71,7 @@ for bench in benchmarks/bench_*.py; do
   # are quick. A bench cut off by its limit keeps the tables and JSON lines of finished workloads.
   limit=120
   [[ $(basename "$bench") == bench_attention.py ]] && limit=300
+  [[ $(basename "$bench") == bench_jvp.py ]] && limit=150
   step "$(basename "$bench" .py)" "$limit" 1 "$PY" "$bench"
 done
 results=(benchmarks/results/*.jsonl)
