@@ -184,7 +184,6 @@ def _triton_backward(ctx, grad_out, _grad_lse):
 _attention_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-
 @torch.library.custom_op("fastdistill::attention_triton_jvp", mutates_args=())
 def _attention_triton_jvp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
