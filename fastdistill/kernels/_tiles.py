@@ -163,9 +163,7 @@ def launch_args(mask, batch, heads, lq, lk, head_dim, dtype, tile_config, device
         args.update(block_mask=_unused_tensors(device).q_full.expand(batch, heads, 1, 1), mask_block_q=1,
                     mask_block_k=1)
     if kind == FULL_LISTED[0]:
-        from ..masks import full
-
-        schedule = full().schedule(lq, lk, cfg.block_m, cfg.block_n, device)
+        schedule = _full_mask().schedule(lq, lk, cfg.block_m, cfg.block_n, device)
     elif terms:
         schedule = mask.schedule(lq, lk, cfg.block_m, cfg.block_n, device)
     else:  # never read (USE_SCHEDULE=False); tensors of the right rank keep the launch uniform
@@ -185,3 +183,11 @@ def _unused_tensors(device):
     ints = torch.zeros(1, 1, 1, dtype=torch.int32, device=device)
     bools = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=device)
     return TileSchedule(ints, ints[..., None], bools, ints, ints[..., None], bools, block_m=1, block_n=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _full_mask():
+    """One full mask for the FULL_LISTED walk, so its schedules are built once per shape, not per launch."""
+    from ..masks import full
+
+    return full()
