@@ -71,6 +71,25 @@ def allowed_pairs(
     return allowed
 
 
+@triton.jit
+def masked_scores(q, kT, offs_m, offs_n, full, Lq, Lk, scale_log2,
+                  chunk_size, window, sink, q_offset, kv_offset,
+                  mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
+                  HAS_CHUNK: tl.constexpr, BLOCK_MODE: tl.constexpr, PRECISION: tl.constexpr):
+    """scale q k^T in base 2 with disallowed pairs at -inf (q [BLOCK_M, D], kT [D, BLOCK_N]): full tiles
+    mask only the sequence end, partial tiles the mask predicate (`allowed_pairs`)."""
+    s = tl.dot(q, kT, input_precision=PRECISION) * scale_log2
+    if full:
+        s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
+    else:
+        allowed = allowed_pairs(
+            offs_m, offs_n, Lq, Lk, chunk_size, window, sink, q_offset, kv_offset,
+            mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k, HAS_CHUNK, BLOCK_MODE,
+        )
+        s = tl.where(allowed, s, float("-inf"))
+    return s
+
+
 # ------------------------------------------------------------------------------------------ host side
 def default_configs(tile_config, dtype, value_dim_name: str, precision: str):
     """KernelConfigs for every (head dim 64/128, mask kind) variant a launcher compiles for `dtype`,

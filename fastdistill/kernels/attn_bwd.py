@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import KernelEntry, poison, register_kernel
-from ._tiles import allowed_pairs, default_configs, launch_args, runtime_hints, tile_at, tile_count
+from ._tiles import default_configs, launch_args, masked_scores, runtime_hints, tile_at, tile_count
 from .attn_fwd import LOG2E, TileConfig, dot_precision, padded_head_dim
 
 
@@ -32,24 +32,6 @@ def backward_config(head_dim: int, dtype: torch.dtype, kind: str) -> TileConfig:
     if kind.endswith("any-size"):
         return TileConfig(64, 16, 8, 2)
     return TileConfig(64, 64, 8, 1)
-
-
-@triton.jit
-def _masked_scores(q, kT, offs_m, offs_n, full, Lq, Lk, scale_log2,
-                   chunk_size, window, sink, q_offset, kv_offset,
-                   mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
-                   HAS_CHUNK: tl.constexpr, BLOCK_MODE: tl.constexpr, PRECISION: tl.constexpr):
-    """scale q k^T in base 2 with disallowed pairs at -inf (q [BLOCK_M, D], kT [D, BLOCK_N])."""
-    s = tl.dot(q, kT, input_precision=PRECISION) * scale_log2
-    if full:
-        s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-    else:
-        allowed = allowed_pairs(
-            offs_m, offs_n, Lq, Lk, chunk_size, window, sink, q_offset, kv_offset,
-            mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k, HAS_CHUNK, BLOCK_MODE,
-        )
-        s = tl.where(allowed, s, float("-inf"))
-    return s
 
 
 @triton.jit
@@ -117,9 +99,9 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                          mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < DV_), other=0.0)
             lse2, delta = _load_row_stats(LSE, DELTA, row_base, offs_m, Lq)
-            s = _masked_scores(q, kT, offs_m, offs_n, full, Lq, Lk, scale_log2, chunk_size, window, sink,
-                               q_offset, kv_offset, mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
-                               HAS_CHUNK, BLOCK_MODE, PRECISION)
+            s = masked_scores(q, kT, offs_m, offs_n, full, Lq, Lk, scale_log2, chunk_size, window, sink,
+                              q_offset, kv_offset, mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
+                              HAS_CHUNK, BLOCK_MODE, PRECISION)
             p = tl.exp2(s - lse2[:, None])
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, vT, input_precision=PRECISION)
@@ -178,9 +160,9 @@ def _attn_bwd_dq_kernel(
                      mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
         vT = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < DV_), other=0.0)
-        s = _masked_scores(q, kT, offs_m, offs_n, full, Lq, Lk, scale_log2, chunk_size, window, sink,
-                           q_offset, kv_offset, mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
-                           HAS_CHUNK, BLOCK_MODE, PRECISION)
+        s = masked_scores(q, kT, offs_m, offs_n, full, Lq, Lk, scale_log2, chunk_size, window, sink,
+                          q_offset, kv_offset, mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
+                          HAS_CHUNK, BLOCK_MODE, PRECISION)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])

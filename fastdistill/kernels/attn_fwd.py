@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import KernelEntry, poison, register_kernel
-from ._tiles import allowed_pairs, default_configs, launch_args, runtime_hints, tile_at, tile_count
+from ._tiles import default_configs, launch_args, masked_scores, runtime_hints, tile_at, tile_count
 
 LOG2E = 1.4426950408889634  # scores are kept in base 2: exp(x) = exp2(x * LOG2E)
 
@@ -98,15 +98,9 @@ def _attn_fwd_kernel(
             mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D),
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        if full:
-            s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-        else:
-            allowed = allowed_pairs(
-                offs_m, offs_n, Lq, Lk, chunk_size, window, sink, q_offset, kv_offset,
-                mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k, HAS_CHUNK, BLOCK_MODE,
-            )
-            s = tl.where(allowed, s, float("-inf"))
+        s = masked_scores(q, tl.trans(k), offs_m, offs_n, full, Lq, Lk, scale_log2, chunk_size, window, sink,
+                          q_offset, kv_offset, mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
+                          HAS_CHUNK, BLOCK_MODE, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing allowed so far keep m = -inf; shift them by 0 so every exp2 sees -inf - 0.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)

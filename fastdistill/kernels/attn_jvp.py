@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import KernelEntry, poison, register_kernel
-from ._tiles import FULL_LISTED, MASK_KINDS, allowed_pairs, launch_args, runtime_hints, tile_at, tile_count
+from ._tiles import FULL_LISTED, MASK_KINDS, launch_args, masked_scores, runtime_hints, tile_at, tile_count
 from .attn_fwd import LOG2E, TileConfig, dot_precision, padded_head_dim
 
 
@@ -125,15 +125,9 @@ def _attn_jvp_kernel(
         kv_rows = offs_n[:, None] < Lk
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_rows & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        if full:
-            s = tl.where(offs_n[None, :] < Lk, s, float("-inf"))
-        else:
-            allowed = allowed_pairs(
-                offs_m, offs_n, Lq, Lk, chunk_size, window, sink, q_offset, kv_offset,
-                mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k, HAS_CHUNK, BLOCK_MODE,
-            )
-            s = tl.where(allowed, s, float("-inf"))
+        s = masked_scores(q, tl.trans(k), offs_m, offs_n, full, Lq, Lk, scale_log2, chunk_size, window, sink,
+                          q_offset, kv_offset, mask_base, stride_bmq, stride_bmk, mask_block_q, mask_block_k,
+                          HAS_CHUNK, BLOCK_MODE, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with nothing allowed so far keep m = -inf; shift them by 0 so every exp2 sees -inf - 0.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
