@@ -174,42 +174,75 @@ def _attn_bwd_dq_kernel(
 
 def attention_backward_triton(q, k, v, out, lse, grad_out, mask, scale):
     """(dq, dk, dv) in the dtypes of q, k, v. lse [B, Hq, Lq] float32 from the forward."""
-    batch, heads, lq, d = q.shape
-    kv_heads, lk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
     dq = poison(torch.empty_like(q))
     dk = poison(torch.empty_like(k))
     dv = poison(torch.empty_like(v))
     if q.numel() == 0 or k.numel() == 0:  # no pair exists: every gradient is zero, no launch
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # [B, Hq, Lq]
+    delta = backward_delta(out, grad_out)
     lse = lse.contiguous()
+    backward_dkdv_triton(q, k, v, grad_out, lse, delta, mask, scale, dk, dv)
+    backward_dq_triton(q, k, v, grad_out, lse, delta, mask, scale, dq)
+    return dq, dk, dv
+
+
+def backward_delta(out: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O) [B, Hq, Lq] float32, the softmax-backward term both kernels read."""
+    return (grad_out.float() * out.float()).sum(-1).contiguous()
+
+
+def _launch(q, k, mask):
+    """(tile config, mask arguments, constexprs, num q tiles, num k tiles) shared by both kernels."""
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
     cfg, a = launch_args(mask, batch, heads, lq, lk, d, q.dtype, backward_config, q.device)
     mask_args = (a["block_mask"], *a["block_mask"].stride(), a["mask_block_q"], a["mask_block_k"],
                  a["chunk_size"], a["window"], a["sink"], a["q_offset"], a["kv_offset"])
-    constexprs = dict(D=d, DV_=dv_dim, HEAD_DIM=padded_head_dim(d), HEAD_DIM_V=padded_head_dim(dv_dim),
-                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_SCHEDULE=a["USE_SCHEDULE"],
-                      HAS_CHUNK=a["HAS_CHUNK"], BLOCK_MODE=a["BLOCK_MODE"], PRECISION=dot_precision(q.dtype),
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    num_q_tiles, num_k_tiles = triton.cdiv(lq, cfg.block_m), triton.cdiv(lk, cfg.block_n)
+    return cfg, a, mask_args, triton.cdiv(lq, cfg.block_m), triton.cdiv(lk, cfg.block_n)
+
+
+def _constexprs(cfg, a, q, v):
+    d, dv_dim = q.shape[-1], v.shape[-1]
+    return dict(D=d, DV_=dv_dim, HEAD_DIM=padded_head_dim(d), HEAD_DIM_V=padded_head_dim(dv_dim),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, USE_SCHEDULE=a["USE_SCHEDULE"],
+                HAS_CHUNK=a["HAS_CHUNK"], BLOCK_MODE=a["BLOCK_MODE"], PRECISION=dot_precision(q.dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def backward_dkdv_triton(q, k, v, grad_out, lse, delta, mask, scale, dk, dv):
+    """dK, dV of the keys k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] into dk, dv (same shapes), in place.
+
+    lse [B, Hq, Lq] and delta [B, Hq, Lq] (contiguous float32) are the rows' statistics over *all* the
+    keys the forward attended to, so k/v may be any subset of those keys (with `mask` restricted to
+    it): the one-chunk backward of RollingKVCache passes only the current chunk's keys.
+    """
+    batch, heads = q.shape[:2]
+    kv_heads, lk = k.shape[1], k.shape[2]
+    cfg, a, mask_args, num_q_tiles, num_k_tiles = _launch(q, k, mask)
     _attn_bwd_dkdv_kernel[(num_k_tiles, batch * kv_heads)](
         q, k, v, grad_out, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         a["q_count"], a["q_index"], a["q_full"],
         *a["q_count"].stride(), *a["q_index"].stride()[:3], *a["q_full"].stride()[:3],
         *mask_args,
-        heads, kv_heads, heads // kv_heads, lq, lk, num_q_tiles, scale, scale * LOG2E,
-        **constexprs,
+        heads, kv_heads, heads // kv_heads, q.shape[2], lk, num_q_tiles, scale, scale * LOG2E,
+        **_constexprs(cfg, a, q, v),
     )
+
+
+def backward_dq_triton(q, k, v, grad_out, lse, delta, mask, scale, dq):
+    """dQ [B, Hq, Lq, D] over the keys k, v into dq, in place (lse and delta as in backward_dkdv_triton)."""
+    batch, heads = q.shape[:2]
+    cfg, a, mask_args, num_q_tiles, num_k_tiles = _launch(q, k, mask)
     _attn_bwd_dq_kernel[(num_q_tiles, batch * heads)](
         q, k, v, grad_out, dq, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         a["kv_count"], a["kv_index"], a["kv_full"],
         *a["kv_count"].stride(), *a["kv_index"].stride()[:3], *a["kv_full"].stride()[:3],
         *mask_args,
-        heads, heads // kv_heads, lq, lk, num_k_tiles, scale, scale * LOG2E,
-        **constexprs,
+        heads, heads // k.shape[1], q.shape[2], k.shape[2], num_k_tiles, scale, scale * LOG2E,
+        **_constexprs(cfg, a, q, v),
     )
-    return dq, dk, dv
 
 
 def _signature(kernel: str, dtype: str) -> dict[str, str]:
