@@ -6,6 +6,7 @@ Public API (see README.md):
   masks                                    full, causal, chunk_causal, block_sparse, topk_blocks, `&`
   sdpa, patch_sdpa                         drop-in F.scaled_dot_product_attention and a patch for it
   rope.RopeSpec, rope_tables, apply_rope   rotary embeddings (1-D and 3-D video), fused op
+  RollingKVCache                           streaming chunk-causal attention over per-layer ring buffers
   kv_write                                 fused RoPE + ring-buffer write of a KV cache
   TileSchedule, chunk_causal_schedule, block_mask_schedule   attention tile schedules
 """
@@ -16,11 +17,12 @@ from . import _library  # noqa: F401  (registers torch.ops.fastdistill)
 from . import masks, rope
 from .attention import attention, attention_jvp, explain  # the function shadows the submodule name, as intended
 from .sdpa import patch_sdpa, sdpa
-from .kvcache import kv_write
+from .kvcache import RollingKVCache, kv_write
 from .rope import RopeSpec, apply_rope, rope_tables
 from .schedule import TileSchedule, block_mask_schedule, chunk_causal_schedule
 
 __all__ = [
+    "RollingKVCache",
     "RopeSpec",
     "attention",
     "attention_jvp",

@@ -89,7 +89,7 @@ def rope_tables(
     spec: RopeSpec,
     num_tokens: int | None = None,
     *,
-    start: int = 0,
+    start: int | torch.Tensor = 0,
     positions: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
@@ -100,6 +100,8 @@ def rope_tables(
     3-D spec: tokens cover whole frames of the (height, width) grid; `num_tokens` (default
       frames * height * width) must be a multiple of height * width, and `start` is the absolute
       index of the first frame. Or `positions` [L, 3] of (frame, row, column) per token.
+    start may be a 0-dim integer tensor on `device`: the tables are then built from it on the device
+      without a host sync (RollingKVCache advances its position this way, CUDA-graph safe).
     dtype: float32 (default) or float64; tables stay in full precision whatever the activations are.
     """
     if dtype not in (torch.float32, torch.float64):

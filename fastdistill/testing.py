@@ -47,3 +47,56 @@ def assert_error_within(
         raise AssertionError(
             f"{name} ({actual.dtype}): max error {err:.3e} > {factor} x baseline error {base:.3e} + floor = {tol:.3e}"
         )
+
+
+class CopyCounter:
+    """Count the bytes that copying ops read out of watched tensors, and the host syncs, while a block runs.
+
+        with CopyCounter(watch=[cache.k_buffer, cache.v_buffer]) as counter:
+            cache.attend(layer, q, k, v)
+        counter.copy_bytes, counter.host_syncs
+
+    copy_bytes sums the sizes of torch's copying ops (copy_, clone, cat, stack, index_select,
+    index_copy, gather, dtype/device conversions) that read a tensor sharing storage with a watched
+    one; writes *into* a watched tensor are not copies of it. fastdistill's own ops (kv_write, rope,
+    the attention kernels) read in place and are never counted. host_syncs counts reads of a tensor's
+    value on the host (`.item()`, `int(t)`, `bool(t)`: aten._local_scalar_dense), which on CUDA wait
+    for the device. A TorchDispatchMode, so it works on any device; only meaningful outside the
+    Triton interpreter (which copies kernel arguments itself).
+    """
+
+    _COPY_OPS = ("copy_", "clone", "cat", "stack", "index_select", "index_copy", "index_copy_", "gather",
+                 "_to_copy", "contiguous", "slice_scatter")
+
+    def __init__(self, watch=()):
+        self._storages = {t.untyped_storage().data_ptr() for t in watch}
+        self.copy_bytes = 0
+        self.host_syncs = 0
+
+    def _reads_watched(self, tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors
+                   if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self._storages)
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name == "_local_scalar_dense":
+                    counter.host_syncs += 1
+                elif name in CopyCounter._COPY_OPS:
+                    sources = args[1:2] if name == "copy_" else [
+                        t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])]
+                    counter.copy_bytes += counter._reads_watched(sources)
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
