@@ -209,11 +209,11 @@ def extras(stream: Stream, reps: int, device: str) -> dict:
         watch = [cache.k_buffer, cache.v_buffer] if isinstance(cache, RollingKVCache) else cache._k + cache._v
         with CopyCounter(watch) as counter, torch.no_grad():
             cache.attend(0, *stream.step)
-            cache.commit() if isinstance(cache, RollingKVCache) else None
-        if isinstance(cache, ReferenceKVCache):  # the concat history is rebuilt in commit: count it too
-            with CopyCounter(cache._k + cache._v) as commit_counter:
-                cache.commit()
-            counter.copy_bytes += commit_counter.copy_bytes
+        # commit too: the concat reference rebuilds its history there (reading the watched tensors)
+        with CopyCounter(watch) as commit_counter:
+            cache.commit()
+        counter.copy_bytes += commit_counter.copy_bytes
+        counter.host_syncs += commit_counter.host_syncs
         copied[name] = {"cache_bytes_copied": counter.copy_bytes, "host_syncs": counter.host_syncs}
     cache = stream.cache()
     k_ring, v_ring = cache.k_buffer[0], cache.v_buffer[0]

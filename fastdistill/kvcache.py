@@ -202,9 +202,12 @@ class RollingKVCache:
         self._sin.copy_(sin)
 
     # --------------------------------------------------------------------------------------- attend
-    def _check(self, layer, q, k, v):
+    def _check_layer(self, layer, op: str) -> None:
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"RollingKVCache.attend: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+            raise ValueError(f"RollingKVCache.{op}: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+
+    def _check(self, layer, q, k, v):
+        self._check_layer(layer, "attend")
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"RollingKVCache.attend: {name} must be a tensor, got {type(t).__name__}")
@@ -274,8 +277,7 @@ class RollingKVCache:
     def kv(self, layer: int, *, include_current: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(k, v, positions): copies of `layer`'s K (rotated) and V [B, heads, L, D] that the current chunk
         attends to, in order of absolute position, and those positions [L]. For tests and debugging."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"RollingKVCache.kv: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        self._check_layer(layer, "kv")
         if include_current and layer not in self._written:
             raise RuntimeError(f"RollingKVCache.kv: layer {layer} has no K/V for chunk {self._chunk} yet; "
                                "attend first or pass include_current=False")

@@ -66,7 +66,7 @@ class CopyCounter:
     """
 
     _COPY_OPS = ("copy_", "clone", "cat", "stack", "index_select", "index_copy", "index_copy_", "gather",
-                 "_to_copy", "contiguous", "slice_scatter")
+                 "_to_copy", "slice_scatter")
 
     def __init__(self, watch=()):
         self._storages = {t.untyped_storage().data_ptr() for t in watch}
