@@ -1,0 +1,32 @@
+"""Distillation methods and their trainer (notes/distillation.md has the formulas).
+
+  TrigFlowModel, RectifiedFlowTeacher, EDMTeacher, EpsTeacher   models and teacher adapters (TrigFlow time)
+  ClassifierFreeGuidance, guided                                CFG with an explicit convention
+  Diffusion                                                     teacher training (denoising loss)
+  SCM, RCM, LCM, DMD2                                           the methods; configs are dataclasses
+  Trainer                                                       per-role optimizers, TTUR, EMA, checkpoints
+"""
+
+from .denoiser import (
+    ClassifierFreeGuidance,
+    Denoiser,
+    EDMTeacher,
+    EpsTeacher,
+    RectifiedFlowTeacher,
+    TrigFlowModel,
+    denoising_loss,
+    guided,
+)
+from .diffusion import Diffusion, DiffusionConfig
+from .dmd import DMD2, DMD2Config, dmd_gradient, dmd_loss
+from .lcm import LCM, LCMConfig
+from .method import Method
+from .rcm import RCM, RCMConfig
+from .scm import SCM, SCMConfig
+from .trainer import Trainer
+
+__all__ = [
+    "ClassifierFreeGuidance", "DMD2", "DMD2Config", "Denoiser", "Diffusion", "DiffusionConfig", "EDMTeacher",
+    "EpsTeacher", "LCM", "LCMConfig", "Method", "RCM", "RCMConfig", "RectifiedFlowTeacher", "SCM", "SCMConfig",
+    "Trainer", "TrigFlowModel", "denoising_loss", "dmd_gradient", "dmd_loss", "guided",
+]
