@@ -2,7 +2,8 @@
 
 `GaussianMixture` (with the `ring` and `grid` presets): 2-D mixtures whose exact denoiser
 E[x0 | x_t] is known in closed form, a zero-training oracle teacher for unit tests of samplers and
-distillation losses. `load_npy`: user data from a .npy file (N x d points or N x H x W images).
+distillation losses. `digits`: scikit-learn's bundled 8x8 digits (no download). `moving_shapes`: a
+procedural video set. `load_npy`: user data from a .npy file (N x d points or N x H x W images).
 """
 
 from __future__ import annotations
@@ -100,3 +101,40 @@ def load_npy(path: str) -> torch.Tensor:
     if not torch.isfinite(data).all():
         raise ValueError(f"load_npy: {path} contains NaN or inf")
     return data
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled handwritten digits: images [1797, 1, 8, 8] float32 scaled from 0..16 to
+    [-1, 1], and labels [1797] int64. Needs scikit-learn (`pip install scikit-learn`; it ships the
+    data, nothing is downloaded)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("data.digits needs scikit-learn: pip install scikit-learn") from exc
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1) / 8.0 - 1.0
+    return images, torch.from_numpy(bunch.target.astype(np.int64))
+
+
+def moving_shapes(n: int, *, frames: int = 8, size: int = 16, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Procedural videos [n, 1, frames, size, size] in [-1, 1]: one bright square or disc (radius 2-4
+    pixels) per video moving with a constant velocity of up to 1.5 pixels per frame and bouncing off
+    the borders, on a dark background. Deterministic for a seeded generator."""
+    if n < 1 or frames < 1 or size < 8:
+        raise ValueError(f"moving_shapes: need n >= 1, frames >= 1, size >= 8; got {n}, {frames}, {size}")
+    radius = 2.0 + 2.0 * torch.rand(n, generator=generator, dtype=torch.float64)
+    start = radius[:, None] + (size - 1 - 2 * radius[:, None]) * torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    velocity = (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * 1.5
+    is_disc = torch.rand(n, generator=generator) < 0.5
+    step = torch.arange(frames, dtype=torch.float64)
+    lo, span = radius[:, None, None], (size - 1 - 2 * radius)[:, None, None]
+    # Bouncing: reflect the unconstrained path into [r, size - 1 - r] (a triangle wave).
+    path = start[:, None, :] - lo + velocity[:, None, :] * step[None, :, None]
+    path = torch.remainder(path, 2 * span)
+    center = lo + torch.where(path > span, 2 * span - path, path)  # [n, frames, 2]
+    axis = torch.arange(size, dtype=torch.float64)
+    dy = axis[None, None, :, None] - center[..., 0, None, None]
+    dx = axis[None, None, None, :] - center[..., 1, None, None]
+    r = radius[:, None, None, None]
+    inside = torch.where(is_disc[:, None, None, None], dx * dx + dy * dy <= r * r, (dx.abs() <= r) & (dy.abs() <= r))
+    return (inside.float() * 2 - 1).unsqueeze(1)
