@@ -9,6 +9,9 @@ Public API (see README.md):
   RollingKVCache                           streaming chunk-causal attention over per-layer ring buffers
   kv_write                                 fused RoPE + ring-buffer write of a KV cache
   TileSchedule, chunk_causal_schedule, block_mask_schedule   attention tile schedules
+
+Subpackages imported on demand: fastdistill.distill (sCM, DMD2, rCM, LCM, Trainer), fastdistill.models
+(AdaLNMLP, TinyDiT), fastdistill.sampling, fastdistill.data, fastdistill.metrics, fastdistill.demo.
 """
 
 __version__ = "0.1.0"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from ..sampling import teacher_ode, time_grid
 from .denoiser import TrigFlowModel, denoising_loss, lognormal_times
 from .method import Method
-
-import torch
 
 
 @dataclass
@@ -44,7 +45,5 @@ class Diffusion(Method):
 
     @torch.no_grad()
     def sample(self, z, steps, generator=None, *, student=None):
-        from ..sampling import teacher_ode, time_grid
-
         model = student if student is not None else self.student
         return teacher_ode(model.x0, z, steps, times=time_grid(steps, self.t_max))[0]
