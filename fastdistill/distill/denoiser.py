@@ -41,6 +41,13 @@ class Denoiser(nn.Module):
         return self.sigma_d * self(x_t, t, **cond)
 
 
+def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = cos t x0 + sin t noise (noise already scaled by sigma_d); t [N] or per frame [N, frames].
+    trigflow.add_noise for the methods, which also see per-frame times."""
+    t_ = _expand_time(t, x0)
+    return torch.cos(t_) * x0 + torch.sin(t_) * noise
+
+
 def _expand_time(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t [N] -> [N, 1, ...]; t [N, frames] for video x [N, C, frames, H, W] -> [N, 1, frames, 1, 1]."""
     if t.dim() == 2 and x.dim() == 5:
@@ -192,7 +199,7 @@ def denoising_loss(model: Denoiser, x0: torch.Tensor, t: torch.Tensor, noise: to
     ||F(x_t, t) - v / sigma_d||^2 / D with x_t = cos t x0 + sin t noise and v = cos t noise - sin t x0
     (noise already scaled by sigma_d). Computed in float32 or better. Returns a scalar."""
     t_ = _expand_time(t, x0)
-    x_t = torch.cos(t_) * x0 + torch.sin(t_) * noise
+    x_t = noised(x0, noise, t)
     target = (torch.cos(t_) * noise - torch.sin(t_) * x0) / model.sigma_d
     err = model(x_t, t, **cond).to(torch.promote_types(x0.dtype, torch.float32)) - target
     return err.pow(2).mean()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..trigflow import HALF_PI
-from .denoiser import Denoiser, _expand_time, denoising_loss, lognormal_times, uniform_times
+from .denoiser import Denoiser, denoising_loss, lognormal_times, noised, uniform_times
 from .method import Method, frozen
 
 
@@ -137,8 +137,7 @@ class DMD2(Method):
             for i in range(last):
                 x0 = self.student.x0(x, torch.full((n,), times[i], device=z.device, dtype=z.dtype))
                 noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype) * sigma_d
-                t_next = _expand_time(torch.full((n,), times[i + 1], device=z.device, dtype=z.dtype), z)
-                x = torch.cos(t_next) * x0 + torch.sin(t_next) * noise
+                x = noised(x0, noise, torch.full((n,), times[i + 1], device=z.device, dtype=z.dtype))
         with torch.set_grad_enabled(grad):
             return self.student.x0(x, torch.full((n,), times[last], device=z.device, dtype=z.dtype))
 
@@ -147,8 +146,7 @@ class DMD2(Method):
         lo, hi = self.config.t_range
         t = uniform_times(len(x_hat), lo * HALF_PI, hi * HALF_PI, generator=generator, device=x_hat.device, dtype=x_hat.dtype)
         noise = torch.randn(x_hat.shape, generator=generator, device=x_hat.device, dtype=x_hat.dtype) * self.student.sigma_d
-        t_ = _expand_time(t, x_hat)
-        x_t = torch.cos(t_) * x_hat + torch.sin(t_) * noise
+        x_t = noised(x_hat, noise, t)
         with torch.no_grad():
             x0_real = self.teacher.x0(x_t.detach(), t)
             x0_fake = self.critic.x0(x_t.detach(), t)
@@ -186,9 +184,8 @@ class DMD2(Method):
         if self.gan_head is not None:
             t_gan = uniform_times(len(x0), self.config.t_range[0] * HALF_PI, self.config.t_range[1] * HALF_PI,
                                   generator=generator, device=x0.device, dtype=x0.dtype)
-            t_ = _expand_time(t_gan, x0)
-            real_t = torch.cos(t_) * x0 + torch.sin(t_) * noise[: len(x0)]
-            fake_t = torch.cos(t_) * x_hat + torch.sin(t_) * noise[: len(x0)]
+            real_t = noised(x0, noise[: len(x0)], t_gan)
+            fake_t = noised(x_hat, noise[: len(x0)], t_gan)
             gan = (nn.functional.softplus(-self._logit(real_t, t_gan)) + nn.functional.softplus(self._logit(fake_t, t_gan))).mean()
             loss = loss + self.config.gan_critic_weight * gan
             logs["gan_d"] = gan.detach()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .denoiser import Denoiser, TrigFlowModel, _expand_time
+from .denoiser import Denoiser, TrigFlowModel, _expand_time, noised
 from .method import Method, frozen
 
 
@@ -83,8 +83,7 @@ class LCM(Method):
         n = torch.randint(1, self.config.grid + 1, (len(x0),), generator=generator, device=x0.device)
         t_n, t_prev = self.times[n].to(x0.dtype), self.times[n - 1].to(x0.dtype)
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * self.student.sigma_d
-        t_ = _expand_time(t_n, x0)
-        x_n = torch.cos(t_) * x0 + torch.sin(t_) * z
+        x_n = noised(x0, z, t_n)
         with torch.no_grad():
             x_prev = ddim_step(x_n, self.teacher.x0(x_n, t_n), t_n, t_prev)
             # At a segment start (n - 1 on a boundary) the target is x^_{n-1} itself.

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import jvp
 
 from ..models.mlp import TimeEmbedding
-from .denoiser import Denoiser, TrigFlowModel, _expand_time, lognormal_times
+from .denoiser import Denoiser, TrigFlowModel, _expand_time, lognormal_times, noised
 from .method import Method, frozen, per_sample_norm
 
 
@@ -92,8 +92,7 @@ class SCM(Method):
         t = lognormal_times(len(x0), self.config.p_mean, self.config.p_std, sigma_d, generator=generator,
                             device=x0.device, dtype=x0.dtype)
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * sigma_d
-        t_ = _expand_time(t, x0)
-        return t, z, torch.cos(t_) * x0 + torch.sin(t_) * z
+        return t, z, noised(x0, z, t)
 
     def ode_velocity(self, x0, z, x_t, t, **cond):
         """dx_t/dt: the teacher's PF-ODE velocity, or the conditional velocity without a teacher."""
