@@ -4,6 +4,7 @@
   ClassifierFreeGuidance, guided                                CFG with an explicit convention
   Diffusion                                                     teacher training (denoising loss)
   SCM, RCM, LCM, DMD2                                           the methods; configs are dataclasses
+  SelfForcing, CausalODEInit                                    causal video students (KV-cache rollouts)
   Trainer                                                       per-role optimizers, TTUR, EMA, checkpoints
 """
 
@@ -23,10 +24,11 @@ from .lcm import LCM, LCMConfig
 from .method import Method
 from .rcm import RCM, RCMConfig
 from .scm import SCM, SCMConfig
+from .self_forcing import CausalODEInit, SelfForcing, SelfForcingConfig
 from .trainer import Trainer
 
 __all__ = [
-    "ClassifierFreeGuidance", "DMD2", "DMD2Config", "Denoiser", "Diffusion", "DiffusionConfig", "EDMTeacher",
+    "CausalODEInit", "ClassifierFreeGuidance", "DMD2", "DMD2Config", "Denoiser", "Diffusion", "DiffusionConfig", "EDMTeacher",
     "EpsTeacher", "LCM", "LCMConfig", "Method", "RCM", "RCMConfig", "RectifiedFlowTeacher", "SCM", "SCMConfig",
-    "Trainer", "TrigFlowModel", "denoising_loss", "dmd_gradient", "dmd_loss", "guided",
+    "SelfForcing", "SelfForcingConfig", "Trainer", "TrigFlowModel", "denoising_loss", "dmd_gradient", "dmd_loss", "guided",
 ]
