@@ -13,7 +13,8 @@ student evaluated with stopped gradients:
     g      <- g / (||g|| + c)                           (per sample, float64; r = min(1, it / warmup))
     loss    = e^{-w(t)} / D ||F_theta - F^- - g||^2 + w(t)     (w: the adaptive weight head)
 
-The JVP runs under no_grad on the *unwrapped* student network (JVP through a DDP/FSDP wrapper fails),
+The JVP runs under no_grad on the *unwrapped* student network (JVP through a DDP wrapper fails; under
+the Trainer's FSDP2 mode student.net is itself the fully_shard unit, so its call gathers the weights),
 and goes through `fastdistill.attention`'s fused JVP for DiT students on CUDA.
 """
 
