@@ -1,6 +1,6 @@
 """Command line (also `python -m fastdistill ...`):
 
-  fastdistill demo [--dataset ring|grid|digits|PATH.npy] [--methods scm,dmd,rcm,lcm] [--steps 1,2,4]
+  fastdistill demo [--dataset ring|grid|digits|video|PATH.npy] [--methods scm,dmd,rcm,lcm|self-forcing] [--steps 1,2,4]
                    [--quick] [--seed N] [--out DIR] [--device cpu|cuda]
   fastdistill info
 """
@@ -69,14 +69,17 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _demo(args) -> int:
     from fastdistill import demo
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    unknown = [m for m in methods if m not in demo.METHODS]
-    if unknown or not methods:
+    methods = None if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods or () if m not in demo.METHODS]
+    if unknown or methods == ():
         print(f"fastdistill demo: --methods must be a comma-separated subset of {','.join(demo.METHODS)}, got {args.methods!r}",
               file=sys.stderr)
         return 2
-    if not (args.dataset in ("ring", "grid", "digits") or args.dataset.endswith(".npy")):
-        print(f"fastdistill demo: --dataset must be ring, grid, digits or a .npy file, got {args.dataset!r}", file=sys.stderr)
+    if not (args.dataset in ("ring", "grid", "digits", "video") or args.dataset.endswith(".npy")):
+        print(f"fastdistill demo: --dataset must be ring, grid, digits, video or a .npy file, got {args.dataset!r}", file=sys.stderr)
+        return 2
+    if methods and "self-forcing" in methods and args.dataset != "video":
+        print(f"fastdistill demo: self-forcing needs --dataset video, got --dataset {args.dataset}", file=sys.stderr)
         return 2
     report = demo.run(args.dataset, methods, args.steps, quick=args.quick, seed=args.seed, out=args.out,
                       device=args.device, progress=sys.stderr.isatty())
@@ -89,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, built ops and devices, CUDA archs, Triton and the attention backend")
     demo = sub.add_parser("demo", help="distil a teacher with every method on a toy or user dataset and report quality")
-    demo.add_argument("--dataset", default="ring", help="ring, grid, digits, or a .npy file of N x d points or N x H x W images")
-    demo.add_argument("--methods", default="scm,dmd,rcm,lcm", help="comma-separated subset of scm,dmd,rcm,lcm")
+    demo.add_argument("--dataset", default="ring",
+                      help="ring, grid, digits, video (moving shapes), or a .npy file of N x d points or N x H x W images")
+    demo.add_argument("--methods", default=None,
+                      help="comma-separated subset of scm,dmd,rcm,lcm,self-forcing (default: the first four; self-forcing alone for video)")
     demo.add_argument("--steps", type=_int_list, default=(1, 2, 4), help="student step counts, e.g. 1,2,4")
     demo.add_argument("--quick", action="store_true", help="smaller budget: about 3 minutes on 2 CPU cores")
     demo.add_argument("--seed", type=int, default=0)

@@ -1,9 +1,11 @@
 """`fastdistill demo`: distil a teacher into 1-4-step students with every method and measure them.
 
-For a dataset (the 8-mode ring, the 25-mode grid, scikit-learn's 8x8 digits, or a user's .npy file)
-the demo trains a teacher (or reuses the one cached in the output folder), samples a many-step
+For a dataset (the 8-mode ring, the 25-mode grid, scikit-learn's 8x8 digits, procedural moving-shapes
+videos, or a user's .npy file) the demo trains a teacher (or reuses the one cached in the output folder), samples a many-step
 teacher reference (Heun, 64 steps) twice with different seeds, and distils each method into a
-student, starting from the teacher's weights. It writes DIR/report.json, DIR/report.md and
+student, starting from the teacher's weights. On videos, Self-Forcing distils the bidirectional
+teacher into a causal student (ODE-regression initialisation, then DMD on its own KV-cache rollouts)
+and reports the streaming latency of every chunk and the frames per second. It writes DIR/report.json, DIR/report.md and
 pictures, and prints the table. Every number is relative to the same run:
 
   floor      the metric between the two reference sets (what seed noise alone gives)
@@ -29,14 +31,17 @@ from . import data as datasets
 from . import metrics
 from ._png import image_grid, scatter_image, write_png
 from .distill import (
-    DMD2, LCM, RCM, SCM, DMD2Config, Diffusion, LCMConfig, RCMConfig, SCMConfig, Trainer, TrigFlowModel,
+    DMD2, LCM, RCM, SCM, CausalODEInit, DMD2Config, Diffusion, LCMConfig, RCMConfig, SCMConfig, SelfForcing,
+    SelfForcingConfig, Trainer, TrigFlowModel,
 )
 from .models import AdaLNMLP, TinyDiT
-from .sampling import teacher_ode, time_grid
+from .sampling import ode_trajectory, teacher_ode, time_grid
 
-METHODS = ("scm", "dmd", "rcm", "lcm")
+METHODS = ("scm", "dmd", "rcm", "lcm", "self-forcing")
+DEFAULT_METHODS = {"points": ("scm", "dmd", "rcm", "lcm"), "images": ("scm", "dmd", "rcm", "lcm"), "video": ("self-forcing",)}
+VIDEO_FRAMES, FRAMES_PER_CHUNK = 4, 1  # the demo's videos and the causal student's chunk (Self-Forcing: 3 latent frames)
 TEACHER_NFE = (1, 2, 4, 8, 32)
-REFERENCE_STEPS = 64  # Heun: 127 model calls
+REFERENCE_STEPS = {"points": 64, "images": 64, "video": 16}  # Heun: 2 steps - 1 model calls
 
 
 @dataclass(frozen=True)
@@ -53,15 +58,19 @@ class Budget:
 
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
-    cores, the default in 10."""
+    cores, the default in 10. For videos `student_iterations` is split between Self-Forcing's ODE-
+    regression initialisation (a third) and its DMD phase."""
     if kind == "points":
         return Budget(2000, 1000, 512, 4000) if quick else Budget(5000, 3000, 512, 8000)
+    if kind == "video":
+        return Budget(1500, 300, 32, 256, width=64, depth=2) if quick else Budget(5000, 900, 32, 512, width=64, depth=2)
     return Budget(1500, 500, 128, 2000, width=64, depth=2) if quick else Budget(5000, 1500, 128, 4000, width=96, depth=3)
 
 
 # -- data and models ----------------------------------------------------------------------------------
 def load_dataset(name: str, seed: int) -> tuple[str, torch.Tensor, dict]:
-    """(kind, training data, extras): kind "points" ([N, d]) or "images" ([N, 1, H, W])."""
+    """(kind, training data, extras): kind "points" ([N, d]), "images" ([N, 1, H, W]) or "video"
+    ([N, 1, T, H, W])."""
     g = torch.Generator().manual_seed(seed)
     if name in ("ring", "grid"):
         mixture = datasets.ring(8) if name == "ring" else datasets.grid(5)
@@ -69,20 +78,31 @@ def load_dataset(name: str, seed: int) -> tuple[str, torch.Tensor, dict]:
     if name == "digits":
         images, labels = datasets.digits()
         return "images", images, {"labels": labels}
+    if name == "video":
+        return "video", datasets.moving_shapes(4000, frames=VIDEO_FRAMES, size=16, generator=g), {}
     if name.endswith(".npy"):
         array = datasets.load_npy(name)
         if array.dim() == 2:
             return "points", array, {}
         return "images", array.unsqueeze(1), {}
-    raise ValueError(f"demo: dataset must be ring, grid, digits or a path ending in .npy, got {name!r}")
+    raise ValueError(f"demo: dataset must be ring, grid, digits, video or a path ending in .npy, got {name!r}")
 
 
-def make_network(kind: str, sample: torch.Tensor, size: Budget) -> torch.nn.Module:
+def make_network(kind: str, sample: torch.Tensor, size: Budget, *, causal: bool = False) -> torch.nn.Module:
+    """The demo's network for a data kind: AdaLNMLP for points, TinyDiT (2x2 patches for images, 4x4
+    for the 16x16 videos) otherwise; `causal` gives the video student's chunk-causal TinyDiT, which
+    has the same parameters as the teacher's."""
     if kind == "points":
         return AdaLNMLP(sample.shape[1], width=size.width, depth=size.depth)
+    heads = max(1, size.width // 16)
+    if kind == "video":
+        _, c, frames, h, w = sample.shape
+        patch = 4 if h % 4 == 0 and w % 4 == 0 else 1
+        return TinyDiT(c, h, w, frames=frames, patch=patch, dim=size.width, heads=heads, depth=size.depth,
+                       frames_per_chunk=FRAMES_PER_CHUNK if causal else None)
     _, c, h, w = sample.shape
     patch = 2 if h % 2 == 0 and w % 2 == 0 else 1
-    return TinyDiT(c, h, w, patch=patch, dim=size.width, heads=max(1, size.width // 16), depth=size.depth)
+    return TinyDiT(c, h, w, patch=patch, dim=size.width, heads=heads, depth=size.depth)
 
 
 def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps: tuple[int, ...], iterations: int):
@@ -103,6 +123,11 @@ def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps
         return method, {"lr": {"student": 2e-4, "critic": 1e-3}, "grad_clip": 1.0}
     if name == "lcm":
         return LCM(student, teacher, LCMConfig()), {"lr": 5e-4, "grad_clip": 1.0}
+    if name == "self-forcing":
+        # DMD2's ttur 5: at this budget more generator updates pulled the videos towards the empty
+        # background (reverse-KL mode seeking) - ttur 1 ended at swd 0.42, ttur 5 at 0.17.
+        config = SelfForcingConfig(steps=max(steps), dmd=DMD2Config(ttur=5))
+        return SelfForcing(student, teacher, config), {"lr": {"student": 2e-4, "critic": 4e-4}, "betas": (0.0, 0.999)}
     raise ValueError(f"demo: unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
@@ -144,11 +169,32 @@ def _timed(fn):
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def run(dataset: str = "ring", methods: tuple[str, ...] = METHODS, steps: tuple[int, ...] = (1, 2, 4), *,
+def causal_student(teacher: TrigFlowModel, kind: str, train: torch.Tensor, size: Budget) -> TrigFlowModel:
+    """The video teacher's weights in the chunk-causal TinyDiT (same parameters, causal attention)."""
+    student = TrigFlowModel(make_network(kind, train[:1], size, causal=True), teacher.sigma_d)
+    student.load_state_dict(teacher.state_dict())
+    return student.to(train.device)
+
+
+def ode_init(student: TrigFlowModel, teacher: TrigFlowModel, times: list[float], train: torch.Tensor, size: Budget,
+             iterations: int, seed: int, progress: bool) -> Trainer:
+    """Self-Forcing's initialisation: regress the teacher's ODE endpoints from its states at the causal
+    student's step times (4 x batch trajectories, Heun with 2 substeps per interval)."""
+    g = torch.Generator(device=train.device).manual_seed(seed * 1000 + 6)
+    z = torch.randn((4 * size.batch,) + tuple(train.shape[1:]), generator=g, device=train.device) * teacher.sigma_d
+    trajectories = ode_trajectory(teacher.x0, z, times, substeps=2)
+    trainer = Trainer(CausalODEInit(student, trajectories, times), lr=5e-4, grad_clip=1.0, seed=seed + 23,
+                      log_every=50, progress=progress)
+    trainer.fit(train, iterations, size.batch)
+    return trainer
+
+
+def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tuple[int, ...] = (1, 2, 4), *,
         quick: bool = False, seed: int = 0, out: str = "fastdistill-demo", device: str | None = None,
         log=print, progress: bool = True) -> dict:
-    """Run the demo; returns the report (also written to out/report.json and out/report.md)."""
-    for m in methods:
+    """Run the demo; returns the report (also written to out/report.json and out/report.md).
+    methods: None for the dataset's default (sCM, DMD2, rCM, LCM; Self-Forcing on videos)."""
+    for m in methods or ():
         if m not in METHODS:
             raise ValueError(f"demo: unknown method {m!r}; choose from {', '.join(METHODS)}")
     if not steps or any(not isinstance(s, int) or s < 1 for s in steps):
@@ -158,6 +204,9 @@ def run(dataset: str = "ring", methods: tuple[str, ...] = METHODS, steps: tuple[
     started = time.perf_counter()
     torch.manual_seed(seed)
     kind, train, extras = load_dataset(dataset, seed)
+    methods = DEFAULT_METHODS[kind] if methods is None else tuple(methods)
+    if "self-forcing" in methods and kind != "video":
+        raise ValueError(f"demo: self-forcing needs videos (--dataset video); {dataset!r} holds {kind}")
     size = budget(kind, quick)
     sigma_d = float(train.std())
     train = train.to(device)
@@ -194,13 +243,14 @@ def run(dataset: str = "ring", methods: tuple[str, ...] = METHODS, steps: tuple[
         steps_ = nfe if solver == "euler" else (nfe + 1) // 2
         return teacher_ode(teacher.x0, noise(offset), steps_, solver=solver, times=time_grid(steps_, t_max))[0]
 
-    log(f"reference: teacher Heun {REFERENCE_STEPS} steps x 2 seeds, {size.eval_samples} samples each")
-    reference = teacher_samples(2 * REFERENCE_STEPS - 1, 1, "heun")
-    reference_2 = teacher_samples(2 * REFERENCE_STEPS - 1, 2, "heun")
+    reference_steps = REFERENCE_STEPS[kind]
+    log(f"reference: teacher Heun {reference_steps} steps x 2 seeds, {size.eval_samples} samples each")
+    reference = teacher_samples(2 * reference_steps - 1, 1, "heun")
+    reference_2 = teacher_samples(2 * reference_steps - 1, 2, "heun")
     scorer = Scorer(kind, reference, extras, train if kind == "images" else train[:0], seed)
     floor = scorer(reference_2)
     report = {"dataset": dataset, "kind": kind, "device": str(device), "seed": seed, "quick": quick,
-              "budget": asdict(size), "sigma_d": sigma_d, "floor": floor, "teacher": {}, "students": {},
+              "budget": asdict(size), "sigma_d": sigma_d, "reference_steps": reference_steps, "floor": floor, "teacher": {}, "students": {},
               "train_seconds": {"teacher": teacher_seconds}}
     pictures = {"reference": reference}
     for nfe in TEACHER_NFE:
@@ -209,21 +259,49 @@ def run(dataset: str = "ring", methods: tuple[str, ...] = METHODS, steps: tuple[
         if nfe == 1:
             pictures["teacher_1nfe"] = samples
 
-    for name in methods:
-        student = copy.deepcopy(teacher).requires_grad_(True).train()
-        method, settings = make_method(name, student, teacher, tuple(steps), size.student_iterations)
-        method.to(device)
-        log(f"{name}: distilling {size.student_iterations} iterations")
-        trainer = Trainer(method, ema_decay=0.99, seed=seed + 17, log_every=100, progress=progress, **settings)
-        _, seconds = _timed(lambda: trainer.fit(train, size.student_iterations, size.batch))
-        report["train_seconds"][name] = seconds
+    def measure(name: str, sample) -> None:
+        """Score `sample(k, generator) -> (samples, timing)` at every step count under students[name]."""
         report["students"][name] = {}
         for k in steps:
             g = torch.Generator(device=device).manual_seed(seed * 1000 + 4)
-            samples, seconds = _timed(lambda: method.sample(noise(5), k, g, student=trainer.ema))
-            report["students"][name][str(k)] = {**scorer(samples), "sec_per_sample": seconds / size.eval_samples}
+            (samples, timing), seconds = _timed(lambda: sample(k, g))
+            report["students"][name][str(k)] = {**scorer(samples), "sec_per_sample": seconds / size.eval_samples, **timing}
             if k == min(steps):
                 pictures[f"{name}_{k}step"] = samples
+
+    def streamed(method, model):
+        """Chunk-by-chunk rollout of a causal student: latency per chunk and frames/s."""
+        def sample(k, g):
+            rollout = method.rollout(noise(5), g, steps=k, student=model, timed=True)
+            return rollout.video, {"chunk_ms": [1e3 * c for c in rollout.chunk_seconds],
+                                   "frames_per_second": rollout.frames_per_second}
+        return sample
+
+    for name in methods:
+        iterations, init_seconds = size.student_iterations, 0.0
+        if name == "self-forcing":
+            # The causal student from the teacher's weights, ODE-regressed on teacher paths (a third of
+            # the budget; measured as "ode-init"), then Self-Forcing's DMD on its own rollouts.
+            student = causal_student(teacher, kind, train, size).requires_grad_(True).train()
+            init_iterations = iterations // 3
+            iterations -= init_iterations
+            log(f"{name}: ODE-regression initialisation of the causal student, {init_iterations} iterations")
+            times = SelfForcing(student, teacher, SelfForcingConfig(steps=max(steps))).rollout_times()
+            _, init_seconds = _timed(lambda: ode_init(student, teacher, times, train, size, init_iterations, seed, progress))
+            report["train_seconds"]["ode-init"] = init_seconds
+            measure("ode-init", streamed(SelfForcing(student, teacher, SelfForcingConfig(steps=max(steps))), student))
+        else:
+            student = copy.deepcopy(teacher).requires_grad_(True).train()
+        method, settings = make_method(name, student, teacher, tuple(steps), iterations)
+        method.to(device)
+        log(f"{name}: distilling {iterations} iterations")
+        trainer = Trainer(method, ema_decay=0.99, seed=seed + 17, log_every=100, progress=progress, **settings)
+        _, seconds = _timed(lambda: trainer.fit(train, iterations, size.batch))
+        report["train_seconds"][name] = init_seconds + seconds
+        if name == "self-forcing":
+            measure(name, streamed(method, trainer.ema))
+        else:
+            measure(name, lambda k, g: (method.sample(noise(5), k, g, student=trainer.ema), {}))
     report["seconds"] = time.perf_counter() - started
     _write(report, pictures, kind, out)
     log(format_table(report))
@@ -234,8 +312,9 @@ def run(dataset: str = "ring", methods: tuple[str, ...] = METHODS, steps: tuple[
 def format_table(report: dict) -> str:
     """The report as a Markdown table (also what the CLI prints)."""
     columns = [c for c in ("swd", "mmd", "fd", "modes", "classes") if c in report["floor"]]
-    head = "| model | steps (NFE) | " + " | ".join(columns) + " | ms / sample |"
-    lines = [head, "|" + "---|" * (len(columns) + 3)]
+    streamed = any("frames_per_second" in e for m in report["students"].values() for e in m.values())
+    head = "| model | steps (NFE) | " + " | ".join(columns) + " | ms / sample |" + (" ms / chunk | frames / s |" if streamed else "")
+    lines = [head, "|" + "---|" * (len(columns) + 3 + 2 * streamed)]
 
     def row(model, steps, entry):
         cells = []
@@ -243,7 +322,11 @@ def format_table(report: dict) -> str:
             value = entry.get(c)
             cells.append("" if value is None else (str(value) if isinstance(value, int) else f"{value:.4f}"))
         ms = entry.get("sec_per_sample")
-        lines.append(f"| {model} | {steps} | " + " | ".join(cells) + f" | {'' if ms is None else f'{1e3 * ms:.3f}'} |")
+        line = f"| {model} | {steps} | " + " | ".join(cells) + f" | {'' if ms is None else f'{1e3 * ms:.3f}'} |"
+        if streamed:
+            chunk_ms = entry.get("chunk_ms")
+            line += (f" {sum(chunk_ms) / len(chunk_ms):.1f} | {entry['frames_per_second']:.0f} |" if chunk_ms else " | |")
+        lines.append(line)
 
     row("floor (reference vs reference)", "-", report["floor"])
     for nfe, entry in report["teacher"].items():
@@ -260,7 +343,7 @@ def _write(report: dict, pictures: dict, kind: str, out: str) -> None:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(f"# fastdistill demo: {report['dataset']}\n\n"
                 f"Seed {report['seed']}, {'quick' if report['quick'] else 'default'} budget, {report['device']}, "
-                f"{report['seconds']:.0f} s in all. Metrics against the teacher's Heun-{REFERENCE_STEPS} reference; "
+                f"{report['seconds']:.0f} s in all. Metrics against the teacher's Heun-{report['reference_steps']} reference; "
                 "the floor is the same metric between two reference sets of different seeds.\n\n")
         f.write(format_table(report) + "\n")
     for name, samples in pictures.items():
@@ -270,6 +353,10 @@ def _write(report: dict, pictures: dict, kind: str, out: str) -> None:
             write_png(os.path.join(out, f"{name}.png"), scatter_image(samples, extent))
         elif kind == "images":
             write_png(os.path.join(out, f"{name}.png"), image_grid(samples[:100], 10))
+        elif kind == "video":  # frame strips: one video per row
+            videos = samples[:8]
+            frames = videos.transpose(1, 2).reshape(-1, videos.shape[1], *videos.shape[3:])
+            write_png(os.path.join(out, f"{name}.png"), image_grid(frames, videos.shape[2]))
 
 
 def quality_bars(report: dict, steps: int = 1) -> dict[str, dict[str, bool]]:

@@ -58,10 +58,25 @@ def test_demo_on_user_images(tmp_path, tiny_budget):
     assert report["kind"] == "images" and (tmp_path / "o" / "lcm_1step.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_video_demo_streams_the_self_forcing_student_and_reports_its_latency(tmp_path, tiny_budget):
+    report = demo.run("video", None, (1, 2), out=str(tmp_path), log=lambda *_: None, progress=False)
+    assert report["kind"] == "video" and set(report["students"]) == {"ode-init", "self-forcing"}
+    chunks = demo.VIDEO_FRAMES // demo.FRAMES_PER_CHUNK
+    for entry in [*report["students"]["self-forcing"].values(), *report["students"]["ode-init"].values()]:
+        assert {"swd", "mmd", "sec_per_sample"} <= set(entry)
+        assert len(entry["chunk_ms"]) == chunks and min(entry["chunk_ms"]) > 0 and entry["frames_per_second"] > 0
+    assert "frames / s" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "self-forcing_1step.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="self-forcing needs videos"):
+        demo.run("ring", ("self-forcing",), (1,), out=str(tmp_path / "r"), log=lambda *_: None, progress=False)
+
+
 def test_cli_rejects_bad_arguments(capsys):
     assert cli.main(["demo", "--methods", "scm,nope"]) == 2
     assert "--methods" in capsys.readouterr().err
     assert cli.main(["demo", "--dataset", "mnist"]) == 2
+    assert cli.main(["demo", "--methods", "self-forcing"]) == 2  # needs --dataset video
+    assert "--dataset video" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["demo", "--steps", "0"])
 

@@ -33,7 +33,7 @@ def _teacher_forced_rollout(model, z, times, generator, context_time, exit_step)
     [contexts of chunks < c (noised to context_time), chunk c, zeros after] with per-frame times, and
     chunk c's slice of the output is kept (the causal mask makes the zeros irrelevant). Draws the fresh
     noises in the rollout's order. The contexts are detached, as the rollout's cache is."""
-    net, per_chunk = model.net, model.net.frames_per_chunk
+    per_chunk = model.net.frames_per_chunk
     n, frames = z.shape[0], z.shape[2]
     contexts, outputs = [], []
     for c in range(frames // per_chunk):
