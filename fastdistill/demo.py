@@ -41,6 +41,9 @@ METHODS = ("scm", "dmd", "rcm", "lcm", "self-forcing")
 DEFAULT_METHODS = {"points": ("scm", "dmd", "rcm", "lcm"), "images": ("scm", "dmd", "rcm", "lcm"), "video": ("self-forcing",)}
 VIDEO_FRAMES, FRAMES_PER_CHUNK = 4, 1  # the demo's videos and the causal student's chunk (Self-Forcing: 3 latent frames)
 TEACHER_NFE = (1, 2, 4, 8, 32)
+# The point teachers' time embedding tops out at 16 rad per unit t (the default 64 made dF/dt so rough
+# that sCM's JVP tangent was noise at high t: 1-step sCM on the ring went from 0.40 to 0.04 swd).
+POINTS_TIME_FREQUENCY = 16.0
 REFERENCE_STEPS = {"points": 64, "images": 64, "video": 16}  # Heun: 2 steps - 1 model calls
 
 
@@ -93,7 +96,7 @@ def make_network(kind: str, sample: torch.Tensor, size: Budget, *, causal: bool 
     for the 16x16 videos) otherwise; `causal` gives the video student's chunk-causal TinyDiT, which
     has the same parameters as the teacher's."""
     if kind == "points":
-        return AdaLNMLP(sample.shape[1], width=size.width, depth=size.depth)
+        return AdaLNMLP(sample.shape[1], width=size.width, depth=size.depth, time_frequency=POINTS_TIME_FREQUENCY)
     heads = max(1, size.width // 16)
     if kind == "video":
         _, c, frames, h, w = sample.shape
@@ -106,13 +109,17 @@ def make_network(kind: str, sample: torch.Tensor, size: Budget, *, causal: bool 
 
 
 def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps: tuple[int, ...], iterations: int):
-    """The method and its trainer settings used by the demo. Chosen by short sweeps on the ring at the
-    quick budget (notes in the README): sCM diverged at lr 5e-4, so 2e-4, with a proposal shifted
-    towards high noise (p_mean -0.4, p_std 1.6) because one-step sampling starts at t ~ pi/2; DMD2 with
+    """The method and its trainer settings used by the demo. Chosen by short sweeps on the ring and the
+    grid at the quick budget, seeds 0 and 1 (notes in the README): sCM diverged at lr 5e-4, so 2e-4,
+    with a proposal shifted towards high noise (p_mean -0.4, p_std 1.6) because one-step sampling
+    starts at t ~ pi/2, tangent normalisation c = 1 and no adaptive weight; DMD2 with
     one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000 iterations,
     and one student trained for every requested step count (backward simulation)."""
     warmup = max(1, iterations // 4)
-    scm_config = SCMConfig(tangent_warmup=warmup, p_mean=-0.4, p_std=1.6)
+    # No adaptive weight (it made the 1-step output swing between 0.09 and 0.58 swd 100 iterations
+    # apart) and tangent normalisation g / (|g| + 1): with c = 0.1 the low-dimensional tangents became
+    # unit-size pushes that never settle.
+    scm_config = SCMConfig(tangent_warmup=warmup, p_mean=-0.4, p_std=1.6, tangent_norm=1.0, adaptive_weight=False)
     if name == "scm":
         return SCM(student, teacher, scm_config), {"lr": 2e-4, "grad_clip": 1.0}
     if name == "dmd":
@@ -215,7 +222,8 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
 
     # Teacher: trained here, or reused from out/teacher.pt when it was trained with the same settings.
     key = {"dataset": os.path.abspath(dataset) if dataset.endswith(".npy") else dataset, "seed": seed,
-           "budget": asdict(size), "sigma_d": sigma_d}
+           "budget": asdict(size), "sigma_d": sigma_d,
+           "time_frequency": POINTS_TIME_FREQUENCY if kind == "points" else 64.0}  # not among the saved weights
     teacher = TrigFlowModel(make_network(kind, train[:1], size), sigma_d).to(device)
     cache = os.path.join(out, "teacher.pt")
     cached = torch.load(cache, map_location=device, weights_only=False) if os.path.exists(cache) else None

@@ -54,12 +54,13 @@ class TinyDiT(nn.Module):
     t: TrigFlow time, [N] (one per sample) or [N, T] (one per frame, for causal video students).
     Returns F with x's shape. patch: p (H and W multiples of p); dim/heads/depth: transformer size
     (head_dim = dim / heads, even). frames_per_chunk: None for full attention, else causal mode.
+    time_frequency: the time embedding's highest frequency (rad per unit t; lower is smoother in t).
     `forward(..., return_features=True)` also returns the final token features averaged over tokens
     [N, dim] (for a GAN head on a DMD2 critic).
     """
 
     def __init__(self, channels: int, height: int, width: int, *, frames: int = 1, patch: int = 2, dim: int = 128,
-                 heads: int = 4, depth: int = 4, frames_per_chunk: int | None = None):
+                 heads: int = 4, depth: int = 4, frames_per_chunk: int | None = None, time_frequency: float = 64.0):
         super().__init__()
         if height % patch or width % patch:
             raise ValueError(f"TinyDiT: height {height} and width {width} must be multiples of patch {patch}")
@@ -73,7 +74,7 @@ class TinyDiT(nn.Module):
         self.frames_per_chunk = frames_per_chunk
         self.dim, self.heads, self.depth = dim, heads, depth
         self.patch_in = nn.Linear(channels * patch * patch, dim)
-        self.time = TimeEmbedding(dim)
+        self.time = TimeEmbedding(dim, max_frequency=time_frequency)
         self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.final_modulation = nn.Linear(dim, 2 * dim)

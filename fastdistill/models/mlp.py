@@ -44,15 +44,16 @@ class AdaLNBlock(nn.Module):
 class AdaLNMLP(nn.Module):
     """F(x, t) for points: x [N, dim_in] (the scaled input x_t / sigma_d), t [N] TrigFlow time -> [N, dim_in].
 
-    width: hidden width; depth: AdaLN blocks. `forward(..., return_features=True)` also returns the
-    last hidden state [N, width] (what a GAN head on a DMD2 critic reads).
+    width: hidden width; depth: AdaLN blocks; time_frequency: the time embedding's highest frequency
+    (rad per unit t). `forward(..., return_features=True)` also returns the last hidden state
+    [N, width] (what a GAN head on a DMD2 critic reads).
     """
 
-    def __init__(self, dim_in: int, *, width: int = 256, depth: int = 4):
+    def __init__(self, dim_in: int, *, width: int = 256, depth: int = 4, time_frequency: float = 64.0):
         super().__init__()
         self.dim_in = dim_in
         self.embed = nn.Linear(dim_in, width)
-        self.time = TimeEmbedding(width)
+        self.time = TimeEmbedding(width, max_frequency=time_frequency)
         self.blocks = nn.ModuleList(AdaLNBlock(width, 2 * width) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.out = nn.Linear(width, dim_in)
