@@ -1,12 +1,13 @@
 """`fastdistill demo`: distil a teacher into 1-4-step students with every method and measure them.
 
 For a dataset (the 8-mode ring, the 25-mode grid, scikit-learn's 8x8 digits, procedural moving-shapes
-videos, or a user's .npy file) the demo trains a teacher (or reuses the one cached in the output folder), samples a many-step
-teacher reference (Heun, 64 steps) twice with different seeds, and distils each method into a
-student, starting from the teacher's weights. On videos, Self-Forcing distils the bidirectional
-teacher into a causal student (ODE-regression initialisation, then DMD on its own KV-cache rollouts)
-and reports the streaming latency of every chunk and the frames per second. It writes DIR/report.json, DIR/report.md and
-pictures, and prints the table. Every number is relative to the same run:
+videos, or a user's .npy file) the demo trains a teacher (or reuses the one cached in the output
+folder), samples a many-step teacher reference (Heun; 64 steps, 16 for videos) twice with different
+seeds, and distils each method into a student, starting from the teacher's weights. On videos,
+Self-Forcing distils the bidirectional teacher into a causal student (ODE-regression initialisation,
+then DMD on its own KV-cache rollouts) and reports the streaming latency of every chunk and the
+frames per second. It writes DIR/report.json, DIR/report.md and pictures, and prints the table.
+Every number is relative to the same run:
 
   floor      the metric between the two reference sets (what seed noise alone gives)
   teacher    the teacher's Euler sampler at 1, 2, 4, 8 and 32 model calls (NFE) vs the reference
