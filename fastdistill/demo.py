@@ -295,10 +295,11 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
             init_iterations = iterations // 3
             iterations -= init_iterations
             log(f"{name}: ODE-regression initialisation of the causal student, {init_iterations} iterations")
-            times = SelfForcing(student, teacher, SelfForcingConfig(steps=max(steps))).rollout_times()
-            _, init_seconds = _timed(lambda: ode_init(student, teacher, times, train, size, init_iterations, seed, progress))
+            schedule = SelfForcing(student, teacher, SelfForcingConfig(steps=max(steps)))  # its times and rollout
+            _, init_seconds = _timed(lambda: ode_init(student, teacher, schedule.rollout_times(), train, size,
+                                                      init_iterations, seed, progress))
             report["train_seconds"]["ode-init"] = init_seconds
-            measure("ode-init", streamed(SelfForcing(student, teacher, SelfForcingConfig(steps=max(steps))), student))
+            measure("ode-init", streamed(schedule, student))
         else:
             student = copy.deepcopy(teacher).requires_grad_(True).train()
         method, settings = make_method(name, student, teacher, tuple(steps), iterations)

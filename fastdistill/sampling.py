@@ -61,15 +61,21 @@ def teacher_ode(x0_fn: X0Fn, z: torch.Tensor, steps: int, *, solver: str = "eule
     return x, nfe
 
 
+def _step_times(caller: str, times: Sequence[float] | torch.Tensor) -> list[float]:
+    """A few-step sampler's times as floats, checked: non-empty, descending, in (0, pi/2]."""
+    times = [float(t) for t in (times.tolist() if isinstance(times, torch.Tensor) else times)]
+    if not times or any(not 0 < t <= HALF_PI + 1e-12 for t in times) or times != sorted(times, reverse=True):
+        raise ValueError(f"{caller}: times must be descending in (0, pi/2], got {times}")
+    return times
+
+
 @torch.no_grad()
 def consistency_sample(f: X0Fn, z: torch.Tensor, times: Sequence[float] | torch.Tensor,
                        generator: torch.Generator | None = None, sigma_d: float = 1.0) -> torch.Tensor:
     """Multistep consistency sampling: x = z at times[0]; at each time x0 = f(x, t), then, unless it
     is the last time, re-noise to the next: x = cos(t') x0 + sin(t') sigma_d e with fresh e.
     len(times) model calls (times descending, all > 0; e.g. [pi/2] for one step)."""
-    times = [float(t) for t in (times.tolist() if isinstance(times, torch.Tensor) else times)]
-    if not times or any(not 0 < t <= HALF_PI + 1e-12 for t in times) or times != sorted(times, reverse=True):
-        raise ValueError(f"consistency_sample: times must be descending in (0, pi/2], got {times}")
+    times = _step_times("consistency_sample", times)
     x = z
     batch = z.shape[0]
     for i, t in enumerate(times):
@@ -144,9 +150,7 @@ def causal_rollout(model, z: torch.Tensor, times: Sequence[float], generator: to
     if window_chunks is None and z.shape[2] > net.frames:
         raise ValueError(f"causal_rollout: z has {z.shape[2]} frames, more than the model's {net.frames}; "
                          "pass window_chunks to roll out longer videos with a sliding window")
-    times = [float(t) for t in times]
-    if not times or any(not 0 < t <= HALF_PI + 1e-12 for t in times) or times != sorted(times, reverse=True):
-        raise ValueError(f"causal_rollout: times must be descending in (0, pi/2], got {times}")
+    times = _step_times("causal_rollout", times)
     exit_step = len(times) - 1 if exit_step is None else exit_step
     if not 0 <= exit_step < len(times):
         raise ValueError(f"causal_rollout: exit_step must be in [0, {len(times)}), got {exit_step}")
