@@ -19,7 +19,7 @@ from torch import nn
 from fastdistill import data
 from fastdistill.distill import (
     DMD2, LCM, RCM, SCM, ClassifierFreeGuidance, Denoiser, DMD2Config, EDMTeacher, EpsTeacher,
-    LCMConfig, RCMConfig, RectifiedFlowTeacher, SCMConfig, Trainer, TrigFlowModel, guided,
+    LCMConfig, RCMConfig, RectifiedFlowTeacher, SCMConfig, Trainer, TrigFlowModel, cosine_schedule, dmd_gradient, guided,
 )
 from fastdistill.distill.lcm import ddim_step, pseudo_huber
 from fastdistill.models import AdaLNMLP
@@ -161,6 +161,72 @@ def test_dmd_generator_gradient_is_the_normalised_score_difference():
     x0_fake = fake.mixture.denoise_trigflow(x_t_want, t_want, SIGMA_D)
     grad = (x0_fake - x0_real) / (x_hat.detach() - x0_real).abs().mean(1, keepdim=True)
     torch.testing.assert_close(x_hat.grad, grad / x_hat.numel(), rtol=1e-10, atol=1e-14)
+
+
+def test_dmd_batch_normaliser_divides_by_the_batch_mean_of_the_per_sample_scales():
+    g = torch.Generator().manual_seed(5)
+    x_hat, real, fake = (torch.randn(6, 3, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    x_hat[0] = real[0] + 1e-3  # a sample on its mode: the per-sample normaliser blows its gradient up
+    diff = fake - real
+    per_sample = (x_hat - real).abs().mean((1, 2), keepdim=True)
+    torch.testing.assert_close(dmd_gradient(x_hat, real, fake), diff / per_sample, rtol=1e-12, atol=0)
+    torch.testing.assert_close(dmd_gradient(x_hat, real, fake, "batch"), diff / per_sample.mean(), rtol=1e-12, atol=0)
+    assert dmd_gradient(x_hat, real, fake)[0].abs().max() > 100 * dmd_gradient(x_hat, real, fake, "batch")[0].abs().max()
+    with pytest.raises(ValueError, match="normaliser"):
+        dmd_gradient(x_hat, real, fake, "global")
+    with pytest.raises(ValueError, match="normaliser"):
+        DMD2(TrigFlowModel(AdaLNMLP(2, width=8, depth=1), SIGMA_D), TrigFlowModel(AdaLNMLP(2, width=8, depth=1), SIGMA_D),
+             DMD2Config(normaliser="global"))
+
+
+def _exact_ode_path(z, times):
+    """States of the PF-ODE of N(MU, S^2 I) (data) from noise z ~ N(0, sigma_d^2 I) at `times`, and its
+    end point: x_t = cos t mu + sqrt(v_t) e with e = z / sigma_d, ending at mu + S e."""
+    mu, e = torch.tensor(MU, dtype=torch.float64), z / SIGMA_D
+    states = []
+    for t in times:
+        v = math.cos(t) ** 2 * S * S + math.sin(t) ** 2 * SIGMA_D**2
+        states.append(math.cos(t) * mu + math.sqrt(v) * e)
+    return torch.stack(states, 1), mu + S * e
+
+
+def test_dmd2_trajectory_regression_pairs_each_state_with_its_time():
+    """The exact consistency function maps every state of the exact ODE path to its end point, so its
+    regression loss vanishes; one that is exact only at t_max does not, and the logged loss equals an
+    independent recomputation with the same draws."""
+    z = torch.randn(40, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * SIGMA_D
+    times = [1.5, 0.9, 0.4]
+    states, end = _exact_ode_path(z, times)
+    teacher = TrigFlowModel(AdaLNMLP(2, width=8, depth=1).double(), SIGMA_D)
+    config = DMD2Config(regression_weight=1.0)
+    x0 = torch.zeros(16, 2, dtype=torch.float64)
+    exact = DMD2(TrigFlowModel(ExactConsistency(), SIGMA_D), teacher, config, regression_pairs=(states, times, end))
+    _, logs = exact.generator_loss(x0, 0, torch.Generator().manual_seed(0))
+    assert float(logs["regression"]) < 1e-24
+    # Time-reversed pairing: the states meet the wrong times, and the loss must see it.
+    swapped = DMD2(TrigFlowModel(ExactConsistency(), SIGMA_D), teacher, config,
+                   regression_pairs=(states.flip(1), times, end))
+    assert float(swapped.generator_loss(x0, 0, torch.Generator().manual_seed(0))[1]["regression"]) > 1e-3
+
+    method = DMD2(TrigFlowModel(ExactConsistency(offset=0.5), SIGMA_D), teacher, config, regression_pairs=(states, times, end))
+    g = torch.Generator().manual_seed(1)
+    state = g.get_state()
+    _, logs = method.generator_loss(x0, 0, g)
+    g.set_state(state)  # replay: the generator sample and the DMD term draw first, then the pairs and times
+    with torch.no_grad():
+        method.dmd_term(method.generate(x0, g, grad=False), g)
+    pick = torch.randint(40, (16,), generator=g)
+    k = torch.randint(3, (16,), generator=g)
+    t = torch.tensor(times, dtype=torch.float64)[k]
+    f = ExactConsistency(offset=0.5)(states[pick, k] / SIGMA_D, t)
+    x0_pred = torch.cos(t)[:, None] * states[pick, k] - torch.sin(t)[:, None] * SIGMA_D * f
+    want = (x0_pred - end[pick]).pow(2).mean()
+    assert float(want) > 1e-4
+    torch.testing.assert_close(logs["regression"], want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="disagree"):
+        DMD2(TrigFlowModel(ExactConsistency(), SIGMA_D), teacher, config, regression_pairs=(states, times[:2], end))
+    with pytest.raises(ValueError, match="go together"):
+        DMD2(TrigFlowModel(ExactConsistency(), SIGMA_D), teacher, DMD2Config(), regression_pairs=(states, times, end))
 
 
 def test_dmd2_critic_starts_as_the_teacher_and_ttur_schedules_phases():
@@ -342,6 +408,36 @@ def test_trainer_steps_only_the_roles_of_the_phase():
     assert not all(torch.equal(a, b) for a, b in zip(critic, _params(method.critic)))
     with pytest.raises(ValueError, match="no optimizer"):
         Trainer(method, optimizers={"student": torch.optim.SGD(method.student.parameters(), lr=1)})
+
+
+def test_lr_schedule_scales_every_role_and_survives_resume(tmp_path):
+    schedule = cosine_schedule(4, final=0.1)
+    assert [schedule(i) for i in (0, 2, 4, 9)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    train = data.ring(4).sample(64, torch.Generator().manual_seed(0))
+    seen = []
+    trainer = Trainer(_dmd_method(), lr={"student": 1e-3, "critic": 4e-3}, lr_schedule=schedule, progress=False)
+    original = trainer.optimizers["critic"].step
+
+    def spy(*args, **kwargs):  # the critic steps every iteration (ttur 2)
+        seen.append((trainer.optimizers["student"].param_groups[0]["lr"], trainer.optimizers["critic"].param_groups[0]["lr"]))
+        return original(*args, **kwargs)
+
+    trainer.optimizers["critic"].step = spy
+    trainer.fit(train, 5, 8)
+    assert seen == pytest.approx([(1e-3 * schedule(i), 4e-3 * schedule(i)) for i in range(5)])
+    straight = Trainer(_dmd_method(), lr=1e-2, lr_schedule=schedule, progress=False)
+    straight.fit(train, 4, 8)
+    first = Trainer(_dmd_method(), lr=1e-2, lr_schedule=schedule, progress=False)
+    first.fit(train, 2, 8)
+    first.save(tmp_path / "ckpt.pt")
+    resumed = Trainer(_dmd_method(seed=9), lr=1e-2, lr_schedule=schedule, progress=False)
+    resumed.load(tmp_path / "ckpt.pt")
+    resumed.fit(train, 4, 8)
+    assert all(torch.equal(a, b) for a, b in zip(_params(straight.method), _params(resumed.method)))
+    with pytest.raises(TypeError, match="lr_schedule"):
+        Trainer(_dmd_method(), lr_schedule="cosine")
+    with pytest.raises(ValueError, match="cosine_schedule"):
+        cosine_schedule(0)
 
 
 def _ddp_worker(rank, world, init_file, out_dir):

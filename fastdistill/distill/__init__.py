@@ -5,7 +5,7 @@
   Diffusion                                                     teacher training (denoising loss)
   SCM, RCM, LCM, DMD2                                           the methods; configs are dataclasses
   SelfForcing, CausalODEInit                                    causal video students (KV-cache rollouts)
-  Trainer                                                       per-role optimizers, TTUR, EMA, checkpoints
+  Trainer, cosine_schedule                                      per-role optimizers, TTUR, EMA, LR schedule, checkpoints
 """
 
 from .denoiser import (
@@ -25,10 +25,10 @@ from .method import Method
 from .rcm import RCM, RCMConfig
 from .scm import SCM, SCMConfig
 from .self_forcing import CausalODEInit, SelfForcing, SelfForcingConfig
-from .trainer import Trainer
+from .trainer import Trainer, cosine_schedule
 
 __all__ = [
     "CausalODEInit", "ClassifierFreeGuidance", "DMD2", "DMD2Config", "Denoiser", "Diffusion", "DiffusionConfig", "EDMTeacher",
     "EpsTeacher", "LCM", "LCMConfig", "Method", "RCM", "RCMConfig", "RectifiedFlowTeacher", "SCM", "SCMConfig",
-    "SelfForcing", "SelfForcingConfig", "Trainer", "TrigFlowModel", "denoising_loss", "dmd_gradient", "dmd_loss", "guided",
+    "SelfForcing", "SelfForcingConfig", "Trainer", "TrigFlowModel", "cosine_schedule", "denoising_loss", "dmd_gradient", "dmd_loss", "guided",
 ]

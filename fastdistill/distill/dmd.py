@@ -4,7 +4,8 @@ Roles: "student" (the few-step generator G) and "critic" (the fake score, initia
 teacher, plus the optional GAN head). With x^ a generator sample, t ~ U[t_lo, t_hi], x_t its noised
 version, x0_real = teacher.x0(x_t, t) (CFG inside the teacher) and x0_fake = critic.x0(x_t, t):
 
-    grad   = (x0_fake - x0_real) / mean|x^ - x0_real|            (per sample: DMD's normaliser)
+    grad   = (x0_fake - x0_real) / mean|x^ - x0_real|            (per sample: DMD's normaliser;
+                                                                  or one mean over the batch)
     loss_G = 0.5 ||x^ - stopgrad(x^ - grad)||^2 / numel          (so d loss_G / d x^ = grad / numel)
 
 grad is the (normalised) difference of the fake and real scores: descending it moves the generator's
@@ -36,8 +37,12 @@ class DMD2Config:
     generator update (5 in DMD2, 10 for large models). critic_p_mean/p_std: the critic's log-normal
     time proposal. gan_weight / gan_critic_weight: the GAN head's generator / discriminator loss
     weights (0 disables the head; DMD2 used 3e-3 and 1e-2). regression_weight: DMD v1's regression
-    loss: mean squared error between the student's one-step output from stored noises and the
-    teacher's ODE samples from the same noises (`regression_pairs` of the method)."""
+    loss: mean squared error between the student's output from stored teacher ODE states and the
+    teacher's ODE samples they lead to (`regression_pairs` of the method). normaliser: "sample"
+    divides each sample's DMD gradient by its own mean|x^ - x0_real| (DMD); "batch" by the batch
+    mean of those, which keeps the relative sizes of the samples' gradients: in low dimension a
+    sample already on a mode has a tiny mean|x^ - x0_real|, and the per-sample division blows its
+    small score difference up to a unit push off the mode."""
 
     steps: int | tuple[int, ...] = 1
     t_range: tuple[float, float] = (0.02, 0.98)
@@ -47,6 +52,7 @@ class DMD2Config:
     gan_weight: float = 0.0
     gan_critic_weight: float = 1e-2
     regression_weight: float = 0.0
+    normaliser: str = "sample"
     sigma_max: float = 80.0
 
 
@@ -61,12 +67,17 @@ class GANHead(nn.Module):
         return self.mlp(features).squeeze(-1)
 
 
-def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
-    """(x0_fake - x0_real) / mean|x^ - x0_real| per sample, in float32 or better."""
+def dmd_gradient(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, normaliser: str = "sample") -> torch.Tensor:
+    """(x0_fake - x0_real) / mean|x^ - x0_real|, the mean taken per sample ("sample") or over the
+    whole batch ("batch"), in float32 or better. All tensors [N, ...]."""
+    if normaliser not in ("sample", "batch"):
+        raise ValueError(f"dmd_gradient: normaliser must be 'sample' or 'batch', got {normaliser!r}")
     work = torch.promote_types(x_hat.dtype, torch.float32)
     x_hat, x0_real, x0_fake = x_hat.to(work), x0_real.to(work), x0_fake.to(work)
-    normaliser = (x_hat - x0_real).abs().flatten(1).mean(1).clamp_min(1e-8)
-    return (x0_fake - x0_real) / normaliser.reshape((-1,) + (1,) * (x_hat.dim() - 1))
+    scale = (x_hat - x0_real).abs().flatten(1).mean(1)
+    if normaliser == "batch":
+        scale = scale.mean().expand_as(scale)
+    return (x0_fake - x0_real) / scale.clamp_min(1e-8).reshape((-1,) + (1,) * (x_hat.dim() - 1))
 
 
 def dmd_loss(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -77,17 +88,25 @@ def dmd_loss(x_hat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 class DMD2(Method):
     """student: a Denoiser (TrigFlowModel) used as x^ = student.x0(x_t, t). teacher: a frozen Denoiser.
-    critic: defaults to a trainable deep copy of the teacher. regression_pairs: (z [M, ...], x [M, ...])
-    noises (scaled by sigma_d) and the teacher's ODE samples from them, for regression_weight > 0."""
+    critic: defaults to a trainable deep copy of the teacher. regression_pairs, for regression_weight
+    > 0, either
+      (z [M, ...], x [M, ...]): noises (scaled by sigma_d) and the teacher's ODE samples from them
+        (DMD v1: the student regresses x from z at t_max), or
+      (states [M, K, ...], times [K], x [M, ...]): the teacher's ODE states at K times on the way to
+        x (`sampling.ode_trajectory`); each regression sample draws one time, so a multi-step
+        student learns the endpoint from every time its sampler starts a step at (those of
+        `sample_times`), which keeps its later steps from mode-seeking collapse."""
 
     def __init__(self, student: Denoiser, teacher: Denoiser, config: DMD2Config | None = None, *,
-                 critic: Denoiser | None = None, regression_pairs: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 critic: Denoiser | None = None, regression_pairs: tuple[torch.Tensor, ...] | None = None):
         super().__init__()
         self.config = config or DMD2Config()
         steps = self.config.steps
         self.step_counts = tuple(steps) if isinstance(steps, (tuple, list)) else (steps,)
         if not self.step_counts or min(self.step_counts) < 1 or self.config.ttur < 1:
             raise ValueError(f"DMD2: steps and ttur must be >= 1, got {self.config.steps} and {self.config.ttur}")
+        if self.config.normaliser not in ("sample", "batch"):
+            raise ValueError(f"DMD2: normaliser must be 'sample' or 'batch', got {self.config.normaliser!r}")
         self.student = student
         self.critic = critic if critic is not None else copy.deepcopy(teacher)
         for p in self.critic.parameters():
@@ -98,10 +117,25 @@ class DMD2(Method):
         if (self.config.regression_weight > 0) != (regression_pairs is not None):
             raise ValueError("DMD2: regression_weight > 0 and regression_pairs go together")
         if regression_pairs is not None:
-            pz, px = regression_pairs
-            if pz.shape != px.shape:
-                raise ValueError(f"DMD2: regression_pairs must have equal shapes, got {tuple(pz.shape)} and {tuple(px.shape)}")
-            self.register_buffer("pairs_z", pz, persistent=False)
+            if len(regression_pairs) == 2:
+                pz, px = regression_pairs
+                if pz.shape != px.shape:
+                    raise ValueError(f"DMD2: regression_pairs (z, x) must have equal shapes, got {tuple(pz.shape)} and "
+                                     f"{tuple(px.shape)}")
+                states, times = pz.unsqueeze(1), torch.tensor([self.t_max], dtype=torch.float64)
+            elif len(regression_pairs) == 3:
+                states, times, px = regression_pairs
+                times = torch.as_tensor(times, dtype=torch.float64).cpu()
+                if (states.dim() != px.dim() + 1 or states.shape[0] != px.shape[0] or states.shape[2:] != px.shape[1:]
+                        or times.dim() != 1 or states.shape[1] != len(times)):
+                    raise ValueError(f"DMD2: regression_pairs (states [M, K, ...], times [K], x [M, ...]) disagree: "
+                                     f"states {tuple(states.shape)}, times {tuple(times.shape)}, x {tuple(px.shape)}")
+                if not bool(((times > 0) & (times <= HALF_PI)).all()):
+                    raise ValueError(f"DMD2: regression times must lie in (0, pi/2], got {times.tolist()}")
+            else:
+                raise ValueError(f"DMD2: regression_pairs must be (z, x) or (states, times, x), got {len(regression_pairs)} tensors")
+            self.register_buffer("pairs_states", states, persistent=False)
+            self.register_buffer("pairs_times", times.to(device=px.device, dtype=px.dtype), persistent=False)
             self.register_buffer("pairs_x", px, persistent=False)
         self.gan_head = None
         if self.config.gan_weight > 0:
@@ -150,7 +184,7 @@ class DMD2(Method):
         with torch.no_grad():
             x0_real = self.teacher.x0(x_t.detach(), t)
             x0_fake = self.critic.x0(x_t.detach(), t)
-            grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake)
+            grad = dmd_gradient(x_hat.detach(), x0_real, x0_fake, self.config.normaliser)
         return dmd_loss(x_hat, grad), x_t, t
 
     def _logit(self, x_t, t):
@@ -162,9 +196,12 @@ class DMD2(Method):
         loss, x_t, t = self.dmd_term(x_hat, generator)
         logs = {"dmd": loss.detach()}
         if self.config.regression_weight > 0:
-            pick = torch.randint(len(self.pairs_z), (len(x_hat),), generator=generator, device=x_hat.device)
-            t_max = torch.full((len(x_hat),), self.t_max, device=x_hat.device, dtype=x_hat.dtype)
-            regression = (self.student.x0(self.pairs_z[pick], t_max) - self.pairs_x[pick]).pow(2).mean()
+            n = len(x_hat)
+            pick = torch.randint(len(self.pairs_x), (n,), generator=generator, device=x_hat.device)
+            k = (torch.randint(len(self.pairs_times), (n,), generator=generator, device=x_hat.device)
+                 if len(self.pairs_times) > 1 else torch.zeros_like(pick))
+            start, t = self.pairs_states[pick, k], self.pairs_times[k].to(x_hat.dtype)
+            regression = (self.student.x0(start, t) - self.pairs_x[pick]).pow(2).mean()
             loss = loss + self.config.regression_weight * regression
             logs["regression"] = regression.detach()
         if self.gan_head is not None:

@@ -71,13 +71,17 @@ class Trainer:
     all-reduce data parallel) or "fsdp2" (fully_shard every parameter-holding module of the method;
     module docstring); mesh: the DeviceMesh to shard over (default: all ranks, 1-D). With "fsdp2",
     `optimizers` values must be factories params -> optimizer (they are built on the sharded
-    parameters); factories work without sharding too."""
+    parameters); factories work without sharding too. lr_schedule: a function iteration -> factor;
+    each iteration's learning rates are the optimizers' initial ones times lr_schedule(iteration)
+    (e.g. `cosine_schedule(iterations)`; None: constant). It is a function of the iteration alone,
+    so a resumed run follows the same schedule."""
 
     def __init__(self, method: Method, *, lr: float | dict[str, float] = 1e-4,
                  betas: tuple[float, float] | dict[str, tuple[float, float]] = (0.9, 0.999), weight_decay: float = 0.0,
                  optimizers: dict[str, torch.optim.Optimizer | OptimizerFactory] | None = None, ema_decay: float | None = None,
                  grad_clip: float | None = None, accumulation: int = 1, seed: int = 0, device=None,
-                 progress: bool = True, log_every: int = 100, shard: str | None = None, mesh=None):
+                 progress: bool = True, log_every: int = 100, shard: str | None = None, mesh=None,
+                 lr_schedule: Callable[[int], float] | None = None):
         if shard not in (None, "fsdp2"):
             raise ValueError(f"Trainer: shard must be None (replicated) or 'fsdp2', got {shard!r}")
         if mesh is not None and shard is None:
@@ -143,6 +147,10 @@ class Trainer:
         if missing:
             raise ValueError(f"Trainer: no optimizer for roles {sorted(missing)} (method roles: {sorted(self.roles)})")
         self.optimizers = optimizers
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise TypeError(f"Trainer: lr_schedule must be a function iteration -> factor, got {type(lr_schedule).__name__}")
+        self.lr_schedule = lr_schedule
+        self._base_lrs = {role: [group["lr"] for group in opt.param_groups] for role, opt in optimizers.items()}
         self.ema_decay, self.grad_clip, self.accumulation = ema_decay, grad_clip, accumulation
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed + self.rank)
@@ -172,6 +180,11 @@ class Trainer:
     def step(self, data: DataSource, batch_size: int) -> dict[str, torch.Tensor]:
         """One iteration of every phase; returns the detached losses and logs of the last micro-batch."""
         logs: dict[str, torch.Tensor] = {}
+        if self.lr_schedule is not None:
+            factor = float(self.lr_schedule(self.iteration))
+            for role, optimizer in self.optimizers.items():
+                for group, base in zip(optimizer.param_groups, self._base_lrs[role]):
+                    group["lr"] = base * factor
         for role in self.method.phases(self.iteration):
             params, optimizer = self.roles[role], self.optimizers[role]
             optimizer.zero_grad(set_to_none=True)
@@ -401,6 +414,19 @@ def _fully_shard(module: nn.Module, mesh) -> list[nn.Module]:
     for unit in units:
         unit.set_force_sum_reduction_for_comms(True)
     return units
+
+
+def cosine_schedule(iterations: int, final: float = 0.0) -> Callable[[int], float]:
+    """A Trainer lr_schedule: the factor falls from 1 at iteration 0 to `final` at `iterations` along
+    half a cosine, and stays at `final` after."""
+    if iterations < 1 or not 0 <= final <= 1:
+        raise ValueError(f"cosine_schedule: iterations must be >= 1 and final in [0, 1], got {iterations} and {final}")
+
+    def factor(iteration: int) -> float:
+        progress = min(iteration, iterations) / iterations
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def _bar(fraction: float, width: int = 20) -> str:
