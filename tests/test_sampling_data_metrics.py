@@ -121,6 +121,14 @@ def test_mode_coverage_counts_modes():
     assert grid.modes_covered(only_center) == 1
 
 
+def test_class_coverage_counts_classes_with_a_tenth_of_their_fair_share():
+    # 1,000 labels: the fair share is 100, the threshold 10.
+    labels = torch.cat([torch.full((10,), 0), torch.full((9,), 1), torch.arange(2, 10).repeat_interleave(123)])
+    assert metrics.classes_covered(labels[: 1000]) == 9  # class 1 (9 < 10) is not present
+    assert metrics.classes_covered(labels[: 1000], min_fraction=0.0) == 10
+    assert metrics.classes_covered(torch.full((500,), 3)) == 1
+
+
 def test_load_npy_points_images_and_bad_files(tmp_path):
     points = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float64)
     np.save(tmp_path / "p.npy", points)
