@@ -2,11 +2,11 @@
 
 For a dataset (the 8-mode ring, the 25-mode grid, scikit-learn's 8x8 digits, procedural moving-shapes
 videos, or a user's .npy file) the demo trains a teacher (or reuses the one cached in the output
-folder), samples a many-step teacher reference (Heun; 64 steps, 16 for videos) twice with different
-seeds, and distils each method into a student, starting from the teacher's weights. On videos,
-Self-Forcing distils the bidirectional teacher into a causal student (ODE-regression initialisation,
-then DMD on its own KV-cache rollouts) and reports the streaming latency of every chunk and the
-frames per second. It writes DIR/report.json, DIR/report.md and pictures, and prints the table.
+folder), samples a many-step teacher reference (Heun; 64 steps, 16 for images and videos) twice
+with different seeds, and distils each method into a student, starting from the teacher's weights.
+On videos, Self-Forcing distils the bidirectional teacher into a causal student (ODE-regression
+initialisation, then DMD on its own KV-cache rollouts) and reports the streaming latency of every
+chunk and the frames per second. It writes DIR/report.json, DIR/report.md and pictures, and prints the table.
 Every number is relative to the same run:
 
   floor      the metric between the two reference sets (what seed noise alone gives)
@@ -33,10 +33,11 @@ from . import metrics
 from ._png import image_grid, scatter_image, write_png
 from .distill import (
     DMD2, LCM, RCM, SCM, CausalODEInit, DMD2Config, Diffusion, LCMConfig, RCMConfig, SCMConfig, SelfForcing,
-    SelfForcingConfig, Trainer, TrigFlowModel,
+    SelfForcingConfig, Trainer, TrigFlowModel, cosine_schedule,
 )
+from .distill.denoiser import sigma_max_time
 from .models import AdaLNMLP, TinyDiT
-from .sampling import ode_trajectory, teacher_ode, time_grid
+from .sampling import few_step_times, ode_trajectory, teacher_ode, time_grid
 
 METHODS = ("scm", "dmd", "rcm", "lcm", "self-forcing")
 DEFAULT_METHODS = {"points": ("scm", "dmd", "rcm", "lcm"), "images": ("scm", "dmd", "rcm", "lcm"), "video": ("self-forcing",)}
@@ -45,7 +46,9 @@ TEACHER_NFE = (1, 2, 4, 8, 32)
 # The point teachers' time embedding tops out at 16 rad per unit t (the default 64 made dF/dt so rough
 # that sCM's JVP tangent was noise at high t: 1-step sCM on the ring went from 0.40 to 0.04 swd).
 POINTS_TIME_FREQUENCY = 16.0
-REFERENCE_STEPS = {"points": 64, "images": 64, "video": 16}  # Heun: 2 steps - 1 model calls
+# Heun steps of the teacher reference (2 steps - 1 model calls). Images: 16 (the digits teacher's
+# 32-NFE Euler sampler, first order, is already at the seed floor: 0.021 against 0.021).
+REFERENCE_STEPS = {"points": 64, "images": 16, "video": 16}
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,9 @@ def budget(kind: str, quick: bool) -> Budget:
         return Budget(2000, 1000, 512, 4000) if quick else Budget(5000, 3000, 512, 8000)
     if kind == "video":
         return Budget(1500, 300, 32, 256, width=64, depth=2) if quick else Budget(5000, 900, 32, 512, width=64, depth=2)
-    return Budget(1500, 500, 128, 2000, width=64, depth=2) if quick else Budget(5000, 1500, 128, 4000, width=96, depth=3)
+    # Images: batch 64 and an 800-iteration teacher keep the quick digits run (four methods) within 3
+    # minutes (batch 128 and 1,500 took 306 s). 400 student iterations were too few for DMD2's bars.
+    return Budget(800, 500, 64, 2000, width=64, depth=2) if quick else Budget(5000, 1500, 128, 4000, width=96, depth=3)
 
 
 # -- data and models ----------------------------------------------------------------------------------
@@ -109,13 +114,30 @@ def make_network(kind: str, sample: torch.Tensor, size: Budget, *, causal: bool 
     return TinyDiT(c, h, w, patch=patch, dim=size.width, heads=heads, depth=size.depth)
 
 
-def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps: tuple[int, ...], iterations: int):
-    """The method and its trainer settings used by the demo. Chosen by short sweeps on the ring and the
-    grid at the quick budget, seeds 0 and 1 (notes in the README): sCM diverged at lr 5e-4, so 2e-4,
-    with a proposal shifted towards high noise (p_mean -0.4, p_std 1.6) because one-step sampling
-    starts at t ~ pi/2, tangent normalisation c = 1 and no adaptive weight; DMD2 with
-    one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000 iterations,
-    and one student trained for every requested step count (backward simulation)."""
+def dmd_regression_pairs(teacher: TrigFlowModel, noise: torch.Tensor, steps: tuple[int, ...], sigma_max: float):
+    """DMD2's regression pairs for a student of several step counts: the teacher's PF-ODE (Heun, 4
+    substeps per interval) from noise [M, ...] through every time the student's samplers start a step
+    at, to its sample. Returns (states [M, K, ...], times [K], samples [M, ...])."""
+    t_max = sigma_max_time(sigma_max, teacher.sigma_d)
+    times = sorted({t for k in steps for t in few_step_times(k, t_max)}, reverse=True)
+    path = ode_trajectory(teacher.x0, noise, times, substeps=4)  # [K + 1, M, ...]
+    return path[:-1].transpose(0, 1).contiguous(), torch.tensor(times, dtype=torch.float64), path[-1]
+
+
+def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps: tuple[int, ...], iterations: int,
+                kind: str = "points", regression_noise: torch.Tensor | None = None):
+    """The method and its trainer settings used by the demo. Chosen by short sweeps on the ring, the
+    grid and the digits at the quick budget, seeds 0 and 1 (notes in the README): sCM diverged at lr
+    5e-4, so 2e-4, with a proposal shifted towards high noise (p_mean -0.4, p_std 1.6) because
+    one-step sampling starts at t ~ pi/2, tangent normalisation c = 1 and no adaptive weight. DMD2:
+    one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000 iterations;
+    one student for every requested step count (backward simulation); the batch-wide normaliser;
+    the regression loss on teacher ODE paths from `regression_noise` [M, ...] (at every step time of
+    the samplers: without it the 2- and 4-step exits collapsed to 16 and 11 of the grid's 25 modes);
+    a cosine-decayed student lr, 5e-4 for the point MLPs and 2e-3 with regression weight 4 for the
+    image DiTs (swept with a 1,500-iteration digits teacher: at 5e-4 and weight 1 the 1-step
+    students ended at 0.026 / 0.032 swd on seeds 0 / 1 against the teacher's 8-NFE 0.026 / 0.029,
+    at 2e-3 and weight 4 at 0.024 / 0.028)."""
     warmup = max(1, iterations // 4)
     # No adaptive weight (it made the 1-step output swing between 0.09 and 0.58 swd 100 iterations
     # apart) and tangent normalisation g / (|g| + 1): with c = 0.1 the low-dimensional tangents became
@@ -124,24 +146,31 @@ def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps
     if name == "scm":
         return SCM(student, teacher, scm_config), {"lr": 2e-4, "grad_clip": 1.0}
     if name == "dmd":
-        method = DMD2(student, teacher, DMD2Config(steps=tuple(steps), ttur=1))
-        return method, {"lr": {"student": 2e-4, "critic": 1e-3}, "betas": (0.0, 0.999)}
+        if regression_noise is None:
+            raise ValueError("demo: dmd needs regression_noise, the noises of its regression pairs")
+        points = kind == "points"
+        config = DMD2Config(steps=tuple(steps), ttur=1, normaliser="batch", regression_weight=1.0 if points else 4.0)
+        pairs = dmd_regression_pairs(teacher, regression_noise, tuple(steps), config.sigma_max)
+        method = DMD2(student, teacher, config, regression_pairs=pairs)
+        return method, {"lr": {"student": 5e-4 if points else 2e-3, "critic": 1e-3}, "betas": (0.0, 0.999),
+                        "lr_schedule": cosine_schedule(iterations)}
     if name == "rcm":
         method = RCM(student, teacher, RCMConfig(scm=scm_config, dmd=DMD2Config(steps=(1,), ttur=1)))
         return method, {"lr": {"student": 2e-4, "critic": 1e-3}, "grad_clip": 1.0}
     if name == "lcm":
         return LCM(student, teacher, LCMConfig()), {"lr": 5e-4, "grad_clip": 1.0}
     if name == "self-forcing":
-        # DMD2's ttur 5: at this budget more generator updates pulled the videos towards the empty
-        # background (reverse-KL mode seeking) - ttur 1 ended at swd 0.42, ttur 5 at 0.17.
-        config = SelfForcingConfig(steps=max(steps), dmd=DMD2Config(ttur=5))
+        # DMD2's ttur 5 with the batch-wide normaliser: at this budget more generator updates pulled
+        # the videos towards the empty background (reverse-KL mode seeking) - 1-step swd 0.42 at
+        # ttur 1 and 0.17 at ttur 5 with the per-sample normaliser, 0.21 and 0.145 with the batch one.
+        config = SelfForcingConfig(steps=max(steps), dmd=DMD2Config(ttur=5, normaliser="batch"))
         return SelfForcing(student, teacher, config), {"lr": {"student": 2e-4, "critic": 4e-4}, "betas": (0.0, 0.999)}
     raise ValueError(f"demo: unknown method {name!r}; choose from {', '.join(METHODS)}")
 
 
 # -- measuring ----------------------------------------------------------------------------------------
 class Scorer:
-    """Scores sample sets against the reference: swd, mmd (on at most 1,500 samples), and for digits fd
+    """Scores sample sets against the reference: swd, mmd (on at most 1,000 samples), and for digits fd
     and classes covered; modes covered for mixtures."""
 
     def __init__(self, kind: str, reference: torch.Tensor, extras: dict, train: torch.Tensor, seed: int):
@@ -155,7 +184,7 @@ class Scorer:
     def __call__(self, samples: torch.Tensor) -> dict:
         samples = samples.cpu()
         row = {"swd": metrics.sliced_wasserstein(samples, self.reference),
-               "mmd": metrics.mmd_rbf(samples[:1500], self.reference[:1500])}
+               "mmd": metrics.mmd_rbf(samples[:1000], self.reference[:1000])}
         if self.classifier is not None:
             with torch.no_grad():
                 row["fd"] = metrics.frechet_distance(self.classifier.features(samples), self.reference_features)
@@ -244,9 +273,9 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
     t_max = Diffusion(teacher).t_max
     shape = (size.eval_samples,) + tuple(train.shape[1:])
 
-    def noise(offset: int) -> torch.Tensor:
+    def noise(offset: int, n: int = size.eval_samples) -> torch.Tensor:
         g = torch.Generator(device=device).manual_seed(seed * 1000 + offset)
-        return torch.randn(shape, generator=g, device=device) * sigma_d
+        return torch.randn((n,) + shape[1:], generator=g, device=device) * sigma_d
 
     def teacher_samples(nfe: int, offset: int, solver: str = "euler"):
         steps_ = nfe if solver == "euler" else (nfe + 1) // 2
@@ -302,7 +331,8 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
             measure("ode-init", streamed(schedule, student))
         else:
             student = copy.deepcopy(teacher).requires_grad_(True).train()
-        method, settings = make_method(name, student, teacher, tuple(steps), iterations)
+        method, settings = make_method(name, student, teacher, tuple(steps), iterations, kind,
+                                       regression_noise=noise(7, 4096 if kind == "points" else 2048) if name == "dmd" else None)
         method.to(device)
         log(f"{name}: distilling {iterations} iterations")
         trainer = Trainer(method, ema_decay=0.99, seed=seed + 17, log_every=100, progress=progress, **settings)
