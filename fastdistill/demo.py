@@ -65,7 +65,8 @@ class Budget:
 
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
-    cores, the default in 10. For videos `student_iterations` is split between Self-Forcing's ODE-
+    cores, the default in 10 (measured: quick ring / grid / digits / video 160 / 161 / 170 / 78 s,
+    default ring / digits / video 486 / 396 / 235 s). For videos `student_iterations` is split between Self-Forcing's ODE-
     regression initialisation (a third) and its DMD phase."""
     if kind == "points":
         return Budget(2000, 1000, 512, 4000) if quick else Budget(5000, 3000, 512, 8000)
@@ -73,7 +74,8 @@ def budget(kind: str, quick: bool) -> Budget:
         return Budget(1500, 300, 32, 256, width=64, depth=2) if quick else Budget(5000, 900, 32, 512, width=64, depth=2)
     # Images: batch 64 and an 800-iteration teacher keep the quick digits run (four methods) within 3
     # minutes (batch 128 and 1,500 took 306 s). 400 student iterations were too few for DMD2's bars.
-    return Budget(800, 500, 64, 2000, width=64, depth=2) if quick else Budget(5000, 1500, 128, 4000, width=96, depth=3)
+    # The default keeps the quick run's network (the settings of make_method were tuned on it).
+    return Budget(800, 500, 64, 2000, width=64, depth=2) if quick else Budget(2500, 1200, 64, 4000, width=64, depth=2)
 
 
 # -- data and models ----------------------------------------------------------------------------------
