@@ -66,8 +66,8 @@ class Budget:
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
     cores, the default in 10 (measured: quick ring / grid / digits / video 160 / 161 / 170 / 78 s,
-    default ring / digits / video 486 / 396 / 235 s). For videos `student_iterations` is split between Self-Forcing's ODE-
-    regression initialisation (a third) and its DMD phase."""
+    default ring / digits / video 486 / 396 / 235 s). For videos `student_iterations` is split
+    between Self-Forcing's ODE-regression initialisation (a third) and its DMD phase."""
     if kind == "points":
         return Budget(2000, 1000, 512, 4000) if quick else Budget(5000, 3000, 512, 8000)
     if kind == "video":
