@@ -261,10 +261,13 @@ def test_dmd2_backward_simulation_trains_the_step_it_exits_at():
     assert exits == {1, 2, 3, 4}
 
 
-def test_rcm_student_loss_is_scm_plus_weighted_dmd_and_critic_follows_ttur():
+@pytest.mark.parametrize("regression", [False, True])
+def test_rcm_student_loss_is_scm_plus_weighted_dmd_and_critic_follows_ttur(regression):
     torch.manual_seed(2)
     teacher = TrigFlowModel(AdaLNMLP(2, width=8, depth=1).double(), SIGMA_D)
-    method = RCM(copy.deepcopy(teacher).requires_grad_(True), teacher, RCMConfig(dmd_weight=0.25))
+    pairs = (torch.randn(32, 2, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)) if regression else None
+    config = RCMConfig(dmd=DMD2Config(ttur=1, regression_weight=2.0 if regression else 0.0), dmd_weight=0.25)
+    method = RCM(copy.deepcopy(teacher).requires_grad_(True), teacher, config, regression_pairs=pairs)
     x0 = data.ring(4).sample(16, torch.Generator().manual_seed(0), dtype=torch.float64)
     g = torch.Generator().manual_seed(7)
     state = g.get_state()
@@ -274,6 +277,11 @@ def test_rcm_student_loss_is_scm_plus_weighted_dmd_and_critic_follows_ttur():
     dmd, _ = method.dmd.generator_loss(x0, 3, g)
     torch.testing.assert_close(loss, scm + 0.25 * dmd)
     assert {"scm", "dmd"} <= set(logs) and method.phases(0) == ["critic", "student"]
+    if regression:  # the DMD part's loss carries DMD2's regression term on the given pairs
+        assert logs["regression"] > 0
+        torch.testing.assert_close(dmd, logs["dmd"] + 2.0 * logs["regression"])
+    else:
+        assert "regression" not in logs
     assert set(method.role_parameters()) == {"student", "critic"}
     critic_ids = {id(p) for p in method.role_parameters()["critic"]}
     assert not critic_ids & {id(p) for p in method.student.parameters()}
@@ -288,6 +296,30 @@ def test_ddim_step_is_exact_for_the_true_x0_and_pseudo_huber_is_its_formula():
     torch.testing.assert_close(ddim_step(x_t, x0, t, s), math.cos(0.4) * x0 + math.sin(0.4) * e)
     a, b = torch.randn(5, 2, 2, generator=g, dtype=torch.float64), torch.randn(5, 2, 2, generator=g, dtype=torch.float64)
     torch.testing.assert_close(pseudo_huber(a, b, 0.3), torch.sqrt(((a - b) ** 2).sum((1, 2)) + 0.09) - 0.3)
+
+
+@pytest.mark.parametrize("solver,order", [("euler", 1), ("heun", 2)])
+def test_lcm_teacher_step_converges_at_its_order_on_the_exact_gaussian_ode(solver, order):
+    # N(MU, S^2 I)'s PF-ODE in closed form: x_s = cos s MU + sqrt(v_s / v_t) (x_t - cos t MU),
+    # v_t = cos^2 t S^2 + sin^2 t sigma_d^2. A method of order p has local error O(h^(p + 1)):
+    # halving h divides it by 2^(p + 1).
+    method = LCM(TrigFlowModel(AdaLNMLP(2, width=8, depth=1), SIGMA_D), MixtureTeacher(gaussian()), LCMConfig(solver=solver))
+    g = torch.Generator().manual_seed(8)
+    mu = torch.tensor(MU, dtype=torch.float64)
+    t = torch.full((16,), 1.1, dtype=torch.float64)
+    x_t = math.cos(1.1) * mu + torch.randn(16, 2, generator=g, dtype=torch.float64)
+    variance = lambda u: math.cos(u) ** 2 * S * S + math.sin(u) ** 2 * SIGMA_D**2  # noqa: E731
+    errors = []
+    for h in (0.08, 0.04):
+        s = 1.1 - h
+        exact = math.cos(s) * mu + math.sqrt(variance(s) / variance(1.1)) * (x_t - math.cos(1.1) * mu)
+        errors.append((method.teacher_step(x_t, t, torch.full_like(t, s)) - exact).abs().max().item())
+    assert 2 ** (order + 1) * 0.8 < errors[0] / errors[1] < 2 ** (order + 1) * 1.25, errors
+    # At t_prev = 0 both solvers take the plain DDIM step onto the x0 estimate.
+    zero = torch.zeros_like(t)
+    torch.testing.assert_close(method.teacher_step(x_t, t, zero), method.teacher.x0(x_t, t))
+    with pytest.raises(ValueError, match="solver"):
+        LCM(method.student, method.teacher, LCMConfig(solver="rk4"))
 
 
 def test_lcm_segments_map_to_their_start_and_the_target_tracks_the_student():

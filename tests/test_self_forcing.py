@@ -194,3 +194,30 @@ def test_self_forcing_trains_the_causal_student_with_dmd_on_its_rollouts():
         SelfForcing(teacher, teacher)
     with pytest.raises(ValueError, match="times has 2 entries"):
         SelfForcing(student, teacher, SelfForcingConfig(steps=3, times=(1.5, 0.5)))
+
+
+def test_self_forcing_regression_adds_the_weighted_causal_ode_regression_to_dmd():
+    student = _causal_student()
+    torch.manual_seed(1)
+    teacher = TrigFlowModel(TinyDiT(1, 4, 4, frames=6, patch=2, dim=24, heads=2, depth=1).double(), SIGMA_D)
+    g = torch.Generator().manual_seed(0)
+    times = [1.5, 0.9, 0.3]
+    trajectories = torch.randn(4, 5, 1, 6, 4, 4, generator=g, dtype=torch.float64)
+    config = SelfForcingConfig(steps=3, dmd=DMD2Config(ttur=1, regression_weight=0.5))
+    method = SelfForcing(student, teacher, config, regression=(trajectories, times))
+    plain = SelfForcing(student, teacher, SelfForcingConfig(steps=3, dmd=DMD2Config(ttur=1)), critic=method.critic)
+    videos = torch.zeros(3, 1, 6, 4, 4, dtype=torch.float64)
+    loss, logs = method.loss("student", videos, 0, torch.Generator().manual_seed(7))
+    # The same draws: DMD2's generator loss first, then the regression's (CausalODEInit's loss).
+    g = torch.Generator().manual_seed(7)
+    dmd, _ = plain.loss("student", videos, 0, g)
+    regression, _ = CausalODEInit(student, trajectories, times).loss("student", videos, 0, g)
+    torch.testing.assert_close(loss, dmd + 0.5 * regression, rtol=1e-12, atol=0)
+    torch.testing.assert_close(logs["regression"], regression.detach())
+    assert "regression" not in plain.loss("student", videos, 0, torch.Generator().manual_seed(7))[1]
+    with pytest.raises(ValueError, match="go together"):
+        SelfForcing(student, teacher, config)
+    with pytest.raises(ValueError, match="go together"):
+        SelfForcing(student, teacher, SelfForcingConfig(steps=3), regression=(trajectories, times))
+    with pytest.raises(ValueError, match="len\\(times\\) \\+ 1"):
+        SelfForcing(student, teacher, config, regression=(trajectories[:3], times))

@@ -5,7 +5,9 @@ An N-point grid t_0 = 0 < t_1 < ... < t_N = t_max (uniform in t) is split into `
 segments. For n ~ U{1..N} and a data sample x0:
 
     x_n      = cos t_n x0 + sin t_n z
-    x^_{n-1} = DDIM(x_n, teacher.x0(x_n, t_n), t_n -> t_{n-1})          (one teacher solver step)
+    x^_{n-1} = DDIM(x_n, teacher.x0(x_n, t_n), t_n -> t_{n-1})          (one teacher solver step;
+               solver="heun" averages that x0 with teacher.x0 at the DDIM end point, the
+               second-order step of CD's Heun solver, two teacher calls)
     loss     = pseudo_huber(f_theta(x_n, t_n), f_target(x^_{n-1}, t_{n-1}))
 
 where f(x, t) maps to the start b(t) of t's segment: f(x, t) = DDIM(x, x0_pred(x, t), t -> b(t)), the
@@ -32,6 +34,7 @@ class LCMConfig:
     segments: int = 1
     target_decay: float = 0.95
     huber_c: float | None = None
+    solver: str = "euler"
     sigma_max: float = 80.0
 
 
@@ -59,6 +62,8 @@ class LCM(Method):
             raise ValueError(f"LCM: grid ({c.grid}) must be a positive multiple of segments ({c.segments})")
         if not 0 <= c.target_decay < 1:
             raise ValueError(f"LCM: target_decay must be in [0, 1), got {c.target_decay}")
+        if c.solver not in ("euler", "heun"):
+            raise ValueError(f"LCM: solver must be 'euler' or 'heun', got {c.solver!r}")
         self.student, self.teacher = student, frozen(teacher)
         self.target = frozen(copy.deepcopy(student))
         self.sigma_max = c.sigma_max
@@ -77,6 +82,17 @@ class LCM(Method):
         b = self.times[self.boundary(index)].to(x.dtype)
         return ddim_step(x, model.x0(x, t), t, b)
 
+    def teacher_step(self, x_n: torch.Tensor, t_n: torch.Tensor, t_prev: torch.Tensor) -> torch.Tensor:
+        """The teacher's solver step x_n at t_n -> x^ at t_prev [N, ...] (DDIM, or Heun: the mean of
+        the x0 estimates at both ends; plain DDIM where t_prev = 0, as the x0 estimate there is x)."""
+        x0 = self.teacher.x0(x_n, t_n)
+        x_prev = ddim_step(x_n, x0, t_n, t_prev)
+        if self.config.solver == "euler":
+            return x_prev
+        x0_end = self.teacher.x0(x_prev, t_prev)
+        corrected = ddim_step(x_n, 0.5 * (x0 + x0_end), t_n, t_prev)
+        return torch.where(_expand_time((t_prev > 0).to(x_n.dtype), x_n).bool(), corrected, x_prev)
+
     def loss(self, role, x0, iteration, generator):
         if role != "student":
             raise ValueError(f"LCM.loss: unknown role {role!r}")
@@ -85,7 +101,7 @@ class LCM(Method):
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) * self.student.sigma_d
         x_n = noised(x0, z, t_n)
         with torch.no_grad():
-            x_prev = ddim_step(x_n, self.teacher.x0(x_n, t_n), t_n, t_prev)
+            x_prev = self.teacher_step(x_n, t_n, t_prev)
             # At a segment start (n - 1 on a boundary) the target is x^_{n-1} itself.
             on_boundary = _expand_time((self.boundary(n) == n - 1).to(x0.dtype), x0)
             safe_prev = torch.where(n - 1 > 0, n - 1, torch.ones_like(n))

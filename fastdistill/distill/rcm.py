@@ -25,12 +25,14 @@ class RCMConfig:
 
 
 class RCM(Method):
-    def __init__(self, student: TrigFlowModel, teacher: Denoiser, config: RCMConfig | None = None):
+    def __init__(self, student: TrigFlowModel, teacher: Denoiser, config: RCMConfig | None = None, *,
+                 regression_pairs=None):
+        """regression_pairs: DMD2's (with config.dmd.regression_weight > 0; see DMD2)."""
         super().__init__()
         self.config = config or RCMConfig()
         self.scm = SCM(student, teacher, self.config.scm)
         # The DMD part shares the student and teacher; it owns the critic.
-        self.dmd = DMD2(student, teacher, self.config.dmd, critic=copy.deepcopy(teacher))
+        self.dmd = DMD2(student, teacher, self.config.dmd, critic=copy.deepcopy(teacher), regression_pairs=regression_pairs)
         self.student, self.teacher = student, teacher
         self.sigma_max = self.config.scm.sigma_max
 

@@ -52,20 +52,74 @@ def _check_causal(student: Denoiser, who: str) -> None:
                         "(fastdistill.models.TinyDiT(..., frames_per_chunk=k))")
 
 
+def _check_trajectories(student: Denoiser, trajectories: torch.Tensor, times: list[float], who: str) -> None:
+    if trajectories.dim() != 6 or trajectories.shape[0] != len(times) + 1:
+        raise ValueError(f"{who}: trajectories must be [len(times) + 1, M, C, T, H, W] = [{len(times) + 1}, ...], "
+                         f"got {tuple(trajectories.shape)}")
+    per_chunk = student.net.frames_per_chunk
+    if trajectories.shape[3] % per_chunk:
+        raise ValueError(f"{who}: the trajectories' {trajectories.shape[3]} frames are not a multiple of "
+                         f"frames_per_chunk {per_chunk}")
+
+
+def causal_regression_loss(student: Denoiser, trajectories: torch.Tensor, times: torch.Tensor, n: int,
+                           generator: torch.Generator | None) -> torch.Tensor:
+    """ODE regression of a causal student (see CausalODEInit): n trajectories drawn from
+    trajectories [S + 1, M, C, T, H, W], one of the S steps drawn per chunk; the chunk-wise states at
+    their own times (times [S], per-frame times) in one chunk-causal forward, mean squared error of
+    student.x0 to the endpoints."""
+    device = trajectories.device
+    steps, frames = len(times), trajectories.shape[3]
+    per_chunk = student.net.frames_per_chunk
+    pick = torch.randint(trajectories.shape[1], (n,), generator=generator, device=device)
+    step = torch.randint(steps, (n, frames // per_chunk), generator=generator, device=device)
+    step = step.repeat_interleave(per_chunk, dim=1)  # [n, frames]: one step per chunk
+    states = trajectories[:, pick]  # [S + 1, n, C, T, H, W]
+    index = step[None, :, None, :, None, None].expand(1, n, states.shape[2], frames, *states.shape[4:])
+    x_in = states.gather(0, index)[0]
+    t = times.to(device=device, dtype=x_in.dtype)[step]  # [n, frames]
+    return (student.x0(x_in, t) - states[-1]).pow(2).mean()
+
+
 class SelfForcing(DMD2):
     """student: causal TrigFlowModel; teacher: a frozen Denoiser on whole videos [N, C, T, H, W];
     critic: defaults to a trainable copy of the teacher. Roles and phases are DMD2's."""
 
     def __init__(self, student: Denoiser, teacher: Denoiser, config: SelfForcingConfig | None = None, *,
-                 critic: Denoiser | None = None):
+                 critic: Denoiser | None = None, regression: tuple[torch.Tensor, list[float]] | None = None):
+        """regression: (trajectories [S + 1, M, C, T, H, W], times [S]) of the teacher's ODE, as for
+        CausalODEInit (usually the same ones), with config.dmd.regression_weight > 0: each generator
+        update adds that weight times the causal ODE-regression loss on a batch of them, which keeps
+        the student near the teacher's paths while DMD sharpens it."""
         config = config or SelfForcingConfig()
         _check_causal(student, "SelfForcing")
         if config.steps < 1:
             raise ValueError(f"SelfForcing: steps must be >= 1, got {config.steps}")
         if config.times is not None and len(config.times) != config.steps:
             raise ValueError(f"SelfForcing: times has {len(config.times)} entries, steps is {config.steps}")
-        super().__init__(student, teacher, dataclasses.replace(config.dmd, steps=config.steps), critic=critic)
+        if (config.dmd.regression_weight > 0) != (regression is not None):
+            raise ValueError("SelfForcing: config.dmd.regression_weight > 0 and regression go together")
+        # DMD2's own regression (pairs at whole-video times) is replaced by the causal one below.
+        super().__init__(student, teacher, dataclasses.replace(config.dmd, steps=config.steps, regression_weight=0.0),
+                         critic=critic)
         self.sf_config = config
+        self.has_regression = regression is not None
+        if regression is not None:
+            trajectories, times = regression
+            times = [float(t) for t in times]
+            _check_trajectories(student, trajectories, times, "SelfForcing")
+            self.register_buffer("regression_trajectories", trajectories, persistent=False)
+            self.register_buffer("regression_times", torch.tensor(times, dtype=torch.float64, device=trajectories.device),
+                                 persistent=False)
+
+    def generator_loss(self, x0, iteration, generator):
+        loss, logs = super().generator_loss(x0, iteration, generator)
+        if self.has_regression:
+            regression = causal_regression_loss(self.student, self.regression_trajectories, self.regression_times,
+                                                len(x0), generator)
+            loss = loss + self.sf_config.dmd.regression_weight * regression
+            logs["regression"] = regression.detach()
+        return loss, logs
 
     def rollout_times(self, steps: int | None = None) -> list[float]:
         """The per-chunk step schedule: config.times for the configured steps, else uniform in t."""
@@ -108,13 +162,7 @@ class CausalODEInit(Method):
         super().__init__()
         _check_causal(student, "CausalODEInit")
         times = [float(t) for t in times]
-        if trajectories.dim() != 6 or trajectories.shape[0] != len(times) + 1:
-            raise ValueError(f"CausalODEInit: trajectories must be [len(times) + 1, M, C, T, H, W] = [{len(times) + 1}, ...], "
-                             f"got {tuple(trajectories.shape)}")
-        per_chunk = student.net.frames_per_chunk
-        if trajectories.shape[3] % per_chunk:
-            raise ValueError(f"CausalODEInit: the trajectories' {trajectories.shape[3]} frames are not a multiple of "
-                             f"frames_per_chunk {per_chunk}")
+        _check_trajectories(student, trajectories, times, "CausalODEInit")
         self.student = student
         self.register_buffer("trajectories", trajectories, persistent=False)
         self.register_buffer("times", torch.tensor(times, dtype=torch.float64), persistent=False)
@@ -126,17 +174,7 @@ class CausalODEInit(Method):
     def loss(self, role, x0, iteration, generator):
         if role != "student":
             raise ValueError(f"CausalODEInit.loss: unknown role {role!r}")
-        n, device = len(x0), self.trajectories.device
-        steps, frames = len(self.times), self.trajectories.shape[3]
-        per_chunk = self.student.net.frames_per_chunk
-        pick = torch.randint(self.trajectories.shape[1], (n,), generator=generator, device=device)
-        step = torch.randint(steps, (n, frames // per_chunk), generator=generator, device=device)
-        step = step.repeat_interleave(per_chunk, dim=1)  # [n, frames]: one step per chunk
-        states = self.trajectories[:, pick]  # [S + 1, n, C, T, H, W]
-        index = step[None, :, None, :, None, None].expand(1, n, states.shape[2], frames, *states.shape[4:])
-        x_in = states.gather(0, index)[0]
-        t = self.times.to(x_in.dtype)[step]  # [n, frames]
-        loss = (self.student.x0(x_in, t) - states[-1]).pow(2).mean()
+        loss = causal_regression_loss(self.student, self.trajectories, self.times, len(x0), generator)
         return loss, {"ode_regression": loss.detach()}
 
     @torch.no_grad()
@@ -145,4 +183,4 @@ class CausalODEInit(Method):
         return causal_rollout(student if student is not None else self.student, z, times, generator).video
 
 
-__all__ = ["CausalODEInit", "SelfForcing", "SelfForcingConfig"]
+__all__ = ["CausalODEInit", "SelfForcing", "SelfForcingConfig", "causal_regression_loss"]
