@@ -65,9 +65,12 @@ class Budget:
 
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
-    cores, the default in 10 (measured: quick ring / grid / digits / video 160 / 161 / 170 / 78 s,
-    default ring / digits / video 486 / 396 / 235 s). For videos `student_iterations` is split
-    between Self-Forcing's ODE-regression initialisation (a third) and its DMD phase."""
+    cores, the default in 10 (measured: quick ring / grid / digits / video 157 / 156 / 148 / 78 s;
+    default ring / digits / video 486 / 396 / 235 s before rCM and sCM got their current settings). For videos `student_iterations` is split
+    between Self-Forcing's ODE-regression initialisation (a third) and its DMD phase. On points sCM
+    runs 1.5 x `student_iterations`: its step (one JVP and one backward) is among the cheapest and it
+    converges the slowest (grid 1-step swd 0.053 after 1,000 iterations, 0.045 after 1,500 and 0.039
+    after 2,000, against a bar of 0.050)."""
     if kind == "points":
         return Budget(2000, 1000, 512, 4000) if quick else Budget(5000, 3000, 512, 8000)
     if kind == "video":
@@ -127,40 +130,50 @@ def dmd_regression_pairs(teacher: TrigFlowModel, noise: torch.Tensor, steps: tup
 
 
 def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps: tuple[int, ...], iterations: int,
-                kind: str = "points", regression_noise: torch.Tensor | None = None):
+                kind: str = "points", regression_pairs: tuple[torch.Tensor, ...] | None = None):
     """The method and its trainer settings used by the demo. Chosen by short sweeps on the ring, the
-    grid and the digits at the quick budget, seeds 0 and 1 (notes in the README): sCM diverged at lr
-    5e-4, so 2e-4, with a proposal shifted towards high noise (p_mean -0.4, p_std 1.6) because
-    one-step sampling starts at t ~ pi/2, tangent normalisation c = 1 and no adaptive weight. DMD2:
-    one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000 iterations;
-    one student for every requested step count (backward simulation); the batch-wide normaliser;
-    the regression loss on teacher ODE paths from `regression_noise` [M, ...] (at every step time of
-    the samplers: without it the 2- and 4-step exits collapsed to 16 and 11 of the grid's 25 modes);
-    a cosine-decayed student lr, 5e-4 for the point MLPs and 2e-3 with regression weight 4 for the
-    image DiTs (swept with a 1,500-iteration digits teacher: at 5e-4 and weight 1 the 1-step
-    students ended at 0.026 / 0.032 swd on seeds 0 / 1 against the teacher's 8-NFE 0.026 / 0.029,
-    at 2e-3 and weight 4 at 0.024 / 0.028)."""
+    grid and the digits at the quick budget, seeds 0 and 1 (notes in the README).
+
+    sCM diverged at lr 5e-4, so 2e-4, with a proposal shifted towards high noise (p_mean -0.4, p_std
+    1.6) because one-step sampling starts at t ~ pi/2, tangent normalisation c = 1 and no adaptive
+    weight. DMD2: one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000
+    iterations; one student for every requested step count (backward simulation); the batch-wide
+    normaliser; the regression loss on `regression_pairs`, the teacher's ODE paths through every step
+    time of the samplers (`dmd_regression_pairs`; without it the 2- and 4-step exits collapsed to 16
+    and 11 of the grid's 25 modes); a cosine-decayed student lr, 5e-4 for the point MLPs and 2e-3
+    with regression weight 4 for the image DiTs (swept with a 1,500-iteration digits teacher: at 5e-4
+    and weight 1 the 1-step students ended at 0.026 / 0.032 swd on seeds 0 / 1 against the teacher's
+    8-NFE 0.026 / 0.029, at 2e-3 and weight 4 at 0.024 / 0.028). rCM: sCM's settings plus that DMD
+    part at weight 1 (the paper's 0.1 with the per-sample normaliser and no regression left the
+    1-step students at 0.048 on the grid and 0.046 on the digits against bars of 0.050 and 0.024;
+    this gives 0.032 and 0.022) and a cosine lr, 5e-4 (points) / 1e-3 (images). LCM: CD's Heun
+    teacher step on a 24-point grid with a 0.9 EMA target (DDIM on 48 points with a 0.95 target:
+    1-step 0.076 on the grid and 0.131 with 8 classes on the digits; this: 0.040 and 0.023)."""
     warmup = max(1, iterations // 4)
+    points = kind == "points"
     # No adaptive weight (it made the 1-step output swing between 0.09 and 0.58 swd 100 iterations
     # apart) and tangent normalisation g / (|g| + 1): with c = 0.1 the low-dimensional tangents became
     # unit-size pushes that never settle.
     scm_config = SCMConfig(tangent_warmup=warmup, p_mean=-0.4, p_std=1.6, tangent_norm=1.0, adaptive_weight=False)
+    if name in ("dmd", "rcm") and regression_pairs is None:
+        raise ValueError(f"demo: {name} needs regression_pairs (dmd_regression_pairs)")
+    dmd_config = DMD2Config(steps=tuple(steps), ttur=1, normaliser="batch", regression_weight=1.0 if points else 4.0)
     if name == "scm":
         return SCM(student, teacher, scm_config), {"lr": 2e-4, "grad_clip": 1.0}
     if name == "dmd":
-        if regression_noise is None:
-            raise ValueError("demo: dmd needs regression_noise, the noises of its regression pairs")
-        points = kind == "points"
-        config = DMD2Config(steps=tuple(steps), ttur=1, normaliser="batch", regression_weight=1.0 if points else 4.0)
-        pairs = dmd_regression_pairs(teacher, regression_noise, tuple(steps), config.sigma_max)
-        method = DMD2(student, teacher, config, regression_pairs=pairs)
+        method = DMD2(student, teacher, dmd_config, regression_pairs=regression_pairs)
         return method, {"lr": {"student": 5e-4 if points else 2e-3, "critic": 1e-3}, "betas": (0.0, 0.999),
                         "lr_schedule": cosine_schedule(iterations)}
     if name == "rcm":
-        method = RCM(student, teacher, RCMConfig(scm=scm_config, dmd=DMD2Config(steps=(1,), ttur=1)))
-        return method, {"lr": {"student": 2e-4, "critic": 1e-3}, "grad_clip": 1.0}
+        # Its DMD part trains the 1-step output only (sCM's loss covers every time; backward simulation
+        # cost 15% more time for the same swd), with the regression at every sampler time.
+        rcm_dmd = DMD2Config(steps=1, ttur=1, normaliser="batch", regression_weight=dmd_config.regression_weight)
+        method = RCM(student, teacher, RCMConfig(scm=scm_config, dmd=rcm_dmd, dmd_weight=1.0),
+                     regression_pairs=regression_pairs)
+        return method, {"lr": {"student": 5e-4 if points else 1e-3, "critic": 1e-3}, "grad_clip": 1.0,
+                        "lr_schedule": cosine_schedule(iterations)}
     if name == "lcm":
-        return LCM(student, teacher, LCMConfig()), {"lr": 5e-4, "grad_clip": 1.0}
+        return LCM(student, teacher, LCMConfig(grid=24, target_decay=0.9, solver="heun")), {"lr": 5e-4, "grad_clip": 1.0}
     if name == "self-forcing":
         # DMD2's ttur 5 with the batch-wide normaliser: at this budget more generator updates pulled
         # the videos towards the empty background (reverse-KL mode seeking) - 1-step swd 0.42 at
@@ -317,8 +330,9 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
                                    "frames_per_second": rollout.frames_per_second}
         return sample
 
+    regression_pairs = None
     for name in methods:
-        iterations, init_seconds = size.student_iterations, 0.0
+        iterations, init_seconds = size.student_iterations * (3 if name == "scm" and kind == "points" else 2) // 2, 0.0
         if name == "self-forcing":
             # The causal student from the teacher's weights, ODE-regressed on teacher paths (a third of
             # the budget; measured as "ode-init"), then Self-Forcing's DMD on its own rollouts.
@@ -333,8 +347,11 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
             measure("ode-init", streamed(schedule, student))
         else:
             student = copy.deepcopy(teacher).requires_grad_(True).train()
+        if name in ("dmd", "rcm") and regression_pairs is None:  # shared by DMD2 and rCM
+            regression_pairs = dmd_regression_pairs(teacher, noise(7, 4096 if kind == "points" else 2048), tuple(steps),
+                                                    DMD2Config().sigma_max)
         method, settings = make_method(name, student, teacher, tuple(steps), iterations, kind,
-                                       regression_noise=noise(7, 4096 if kind == "points" else 2048) if name == "dmd" else None)
+                                       regression_pairs=regression_pairs if name in ("dmd", "rcm") else None)
         method.to(device)
         log(f"{name}: distilling {iterations} iterations")
         trainer = Trainer(method, ema_decay=0.99, seed=seed + 17, log_every=100, progress=progress, **settings)
