@@ -66,8 +66,9 @@ class Budget:
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
     cores, the default in 10 (measured: quick ring / grid / digits / video 157 / 156 / 148 / 78 s;
-    default ring / digits / video 486 / 396 / 235 s before rCM and sCM got their current settings). For videos `student_iterations` is split
-    between Self-Forcing's ODE-regression initialisation (a third) and its DMD phase. On points sCM
+    default ring / digits / video 486 / 396 / 235 s before rCM and sCM got their current settings).
+    For videos `student_iterations` is split between Self-Forcing's ODE-regression initialisation
+    (a third) and its DMD phase. On points sCM
     runs 1.5 x `student_iterations`: its step (one JVP and one backward) is among the cheapest and it
     converges the slowest (grid 1-step swd 0.053 after 1,000 iterations, 0.045 after 1,500 and 0.039
     after 2,000, against a bar of 0.050)."""
