@@ -24,7 +24,7 @@ import copy
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -168,8 +168,7 @@ def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps
     if name == "rcm":
         # Its DMD part trains the 1-step output only (sCM's loss covers every time; backward simulation
         # cost 15% more time for the same swd), with the regression at every sampler time.
-        rcm_dmd = DMD2Config(steps=1, ttur=1, normaliser="batch", regression_weight=dmd_config.regression_weight)
-        method = RCM(student, teacher, RCMConfig(scm=scm_config, dmd=rcm_dmd, dmd_weight=1.0),
+        method = RCM(student, teacher, RCMConfig(scm=scm_config, dmd=replace(dmd_config, steps=1), dmd_weight=1.0),
                      regression_pairs=regression_pairs)
         return method, {"lr": {"student": 5e-4 if points else 1e-3, "critic": 1e-3}, "grad_clip": 1.0,
                         "lr_schedule": cosine_schedule(iterations)}
@@ -333,7 +332,9 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
 
     regression_pairs = None
     for name in methods:
-        iterations, init_seconds = size.student_iterations * (3 if name == "scm" and kind == "points" else 2) // 2, 0.0
+        iterations, init_seconds = size.student_iterations, 0.0
+        if name == "scm" and kind == "points":  # see `budget`
+            iterations = iterations * 3 // 2
         if name == "self-forcing":
             # The causal student from the teacher's weights, ODE-regressed on teacher paths (a third of
             # the budget; measured as "ode-init"), then Self-Forcing's DMD on its own rollouts.
