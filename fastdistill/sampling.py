@@ -6,6 +6,8 @@ x_t = z.
 
   teacher_ode(x0_fn, z, steps, solver="euler"|"heun")   PF-ODE from pi/2 to 0; returns (x0, nfe)
   consistency_sample(f, z, times, generator)             multistep consistency sampling
+  ode_consistency_function(x0_fn, steps, t_max)          a teacher's own consistency function (its PF-ODE
+                                                         solved from t to 0): the ideal student
   ode_trajectory(x0_fn, z, times)                        PF-ODE states at given times (ODE-regression pairs)
   causal_rollout(model, z, times, generator)             streaming chunk-by-chunk video through a KV cache,
                                                          with the latency of every chunk and frames/s
@@ -13,6 +15,7 @@ x_t = z.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +93,33 @@ def consistency_sample(f: X0Fn, z: torch.Tensor, times: Sequence[float] | torch.
 def few_step_times(steps: int, t_max: float = HALF_PI) -> list[float]:
     """The times of an n-step consistency / DMD sampler: uniform in t, t_max first, 0 excluded."""
     return [t_max * (1 - i / steps) for i in range(steps)] if steps >= 1 else []
+
+
+def ode_consistency_function(x0_fn: X0Fn, steps: int, t_max: float = HALF_PI) -> X0Fn:
+    """The consistency function of a teacher: f(x_t, t) = its PF-ODE solved from (x_t, t) to 0 with
+    Heun, ceil(steps * t / t_max) steps (so `steps` over the whole range, fewer from lower t).
+
+    What a perfect distillation of the teacher would learn. In `consistency_sample` it is the ideal
+    k-step student: a multistep student that is worse than 1 step can be compared with it, since a
+    teacher whose ODE marginals differ from the noised versions of its own samples makes re-noising
+    samplers drift even with an exact f. t [N] must hold one time (what the samplers pass); reading
+    it is a host sync, acceptable in this evaluation tool."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"ode_consistency_function: steps must be an int >= 1, got {steps!r}")
+    if not 0 < t_max <= HALF_PI + 1e-12:
+        raise ValueError(f"ode_consistency_function: t_max must be in (0, pi/2], got {t_max}")
+
+    def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() != 1 or len(t) != len(x):
+            raise ValueError(f"ode_consistency_function: t must be [N] for x {tuple(x.shape)}, got {tuple(t.shape)}")
+        start = float(t[0])
+        if not bool((t == t[0]).all()):
+            raise ValueError("ode_consistency_function: every sample of the batch must be at one time")
+        n = max(1, math.ceil(steps * start / t_max - 1e-9))
+        grid = torch.linspace(start, 0.0, n + 1, dtype=torch.float64)
+        return teacher_ode(x0_fn, x, n, solver="heun", times=grid)[0]
+
+    return f
 
 
 @torch.no_grad()
@@ -196,5 +226,5 @@ def causal_rollout(model, z: torch.Tensor, times: Sequence[float], generator: to
     return Rollout(video, seconds, fps)
 
 
-__all__ = ["Rollout", "causal_rollout", "consistency_sample", "few_step_times", "ode_trajectory", "teacher_ode",
-           "time_grid"]
+__all__ = ["Rollout", "causal_rollout", "consistency_sample", "few_step_times", "ode_consistency_function",
+           "ode_trajectory", "teacher_ode", "time_grid"]

@@ -98,6 +98,47 @@ def test_consistency_sampler_renoises_with_cos_sin_of_the_next_time():
         sampling.consistency_sample(f, z, [0.5, 1.0])
 
 
+def test_ode_consistency_function_is_the_exact_ode_map_and_the_ideal_multistep_student():
+    """A Gaussian's PF-ODE keeps (x_t - cos t mu) / std_t fixed (std_t^2 = cos^2 t s^2 + sin^2 t sigma_d^2),
+    so its consistency function is mu + s (x_t - cos t mu) / std_t; an exact teacher is consistent, so
+    re-noising between steps leaves its samples N(mu, s^2) at any number of steps."""
+    mu, s = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.3
+    gauss = single_gaussian(tuple(mu.tolist()), s)
+    calls = []
+
+    def x0_fn(x_t, t):
+        calls.append(len(x_t))
+        return gauss.denoise_trigflow(x_t, t.clamp(max=math.pi / 2 - 1e-9), SIGMA_D)
+
+    f = sampling.ode_consistency_function(x0_fn, 64)
+    g = torch.Generator().manual_seed(5)
+    for t in (math.pi / 2 - 1e-3, 1.0, 0.3):
+        x0, e = (torch.randn(32, 2, generator=g, dtype=torch.float64) for _ in range(2))
+        x_t = math.cos(t) * (mu + s * x0) + math.sin(t) * SIGMA_D * e
+        std_t = math.sqrt(math.cos(t) ** 2 * s ** 2 + math.sin(t) ** 2 * SIGMA_D ** 2)
+        calls.clear()
+        out = f(x_t, torch.full((32,), t, dtype=torch.float64))
+        torch.testing.assert_close(out, mu + s * (x_t - math.cos(t) * mu) / std_t, atol=2e-3, rtol=0)
+        heun_steps = math.ceil(64 * t / (math.pi / 2) - 1e-9)
+        assert len(calls) == 2 * heun_steps - 1  # Heun, with Euler on the last step to 0
+
+    z = SIGMA_D * torch.randn(20_000, 2, generator=g, dtype=torch.float64)
+    one = sampling.consistency_sample(f, z, [math.pi / 2])
+    torch.testing.assert_close(one, sampling.teacher_ode(x0_fn, z, 64, solver="heun")[0])  # 1 step: the ODE
+    g4 = torch.Generator().manual_seed(6)
+    four = sampling.consistency_sample(f, z, sampling.few_step_times(4), g4, sigma_d=SIGMA_D)
+    assert (four.mean(0) - mu).abs().max() < 0.01 and (four.std(0) - s).abs().max() < 0.01
+
+    with pytest.raises(ValueError, match="steps"):
+        sampling.ode_consistency_function(x0_fn, 0)
+    with pytest.raises(ValueError, match="t_max"):
+        sampling.ode_consistency_function(x0_fn, 8, t_max=2.0)
+    with pytest.raises(ValueError, match="one time"):
+        f(z[:2], torch.tensor([1.0, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="must be"):
+        f(z[:2], torch.tensor([1.0], dtype=torch.float64))
+
+
 def test_metrics_separate_distributions_and_vanish_on_equal_ones():
     g = torch.Generator().manual_seed(4)
     a = torch.randn(20_000, 2, generator=g)
