@@ -454,7 +454,7 @@ def quality_bars(report: dict, steps: int = 1) -> dict[str, dict[str, bool]]:
     k > 1 steps: swd not worse than the 1-step student or the ideal k-step student (the same sampler
     with the teacher's own ODE as f, `report["ideal_student"]`) beyond seed noise, taken as a tenth of
     the floor (on the quick digits the swd of one student over six sampling seeds has a standard
-    deviation of 0.001, 5% of the floor, and its fd one of 0.05-0.11, 10-20%); digits: fd <= the
+    deviation of 0.001, 5% of the floor, and its fd one of 0.05-0.11, 8-18%); digits: fd <= the
     teacher's 8-NFE fd or the ideal k-step's, with the same allowance. Every step count: digits all
     ten classes, mixtures every mode the reference covers."""
     floor, t1, t8 = report["floor"]["swd"], report["teacher"]["1"]["swd"], report["teacher"]["8"]["swd"]
