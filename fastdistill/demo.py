@@ -70,10 +70,9 @@ def budget(kind: str, quick: bool) -> Budget:
     an idle machine, and 192 / 179 / 179 s with the ideal student on a day training ran 15-20%
     slower; default ring / digits 472 / 391 s, video 235 s, before the ideal student).
     For videos `student_iterations` is split between Self-Forcing's ODE-regression initialisation
-    (a third) and its DMD phase. On points sCM
-    runs 1.5 x `student_iterations`: its step (one JVP and one backward) is among the cheapest and it
-    converges the slowest (grid 1-step swd 0.053 after 1,000 iterations, 0.045 after 1,500 and 0.039
-    after 2,000, against a bar of 0.050)."""
+    (a third) and its DMD phase. On points sCM runs 1.5 x `student_iterations`: its step (one JVP
+    and one backward) is among the cheapest and it converges the slowest (grid 1-step swd 0.053
+    after 1,000 iterations, 0.045 after 1,500 and 0.039 after 2,000, against a bar of 0.050)."""
     if kind == "points":
         return Budget(2000, 1000, 512, 4000) if quick else Budget(5000, 3000, 512, 8000)
     if kind == "video":
@@ -175,7 +174,8 @@ def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps
         return method, {"lr": {"student": 5e-4 if points else 1e-3, "critic": 1e-3}, "grad_clip": 1.0,
                         "lr_schedule": cosine_schedule(iterations)}
     if name == "lcm":
-        return LCM(student, teacher, LCMConfig(grid=24, target_decay=0.9, solver="heun")), {"lr": 5e-4, "grad_clip": 1.0}
+        method = LCM(student, teacher, LCMConfig(grid=24, target_decay=0.9, solver="heun"))
+        return method, {"lr": 5e-4, "grad_clip": 1.0}
     if name == "self-forcing":
         # DMD2's ttur 5 with the batch-wide normaliser: at this budget more generator updates pulled
         # the videos towards the empty background (reverse-KL mode seeking) - 1-step swd 0.42 at

@@ -32,7 +32,8 @@ class RCM(Method):
         self.config = config or RCMConfig()
         self.scm = SCM(student, teacher, self.config.scm)
         # The DMD part shares the student and teacher; it owns the critic.
-        self.dmd = DMD2(student, teacher, self.config.dmd, critic=copy.deepcopy(teacher), regression_pairs=regression_pairs)
+        self.dmd = DMD2(student, teacher, self.config.dmd, critic=copy.deepcopy(teacher),
+                        regression_pairs=regression_pairs)
         self.student, self.teacher = student, teacher
         self.sigma_max = self.config.scm.sigma_max
 

@@ -109,8 +109,8 @@ class SelfForcing(DMD2):
             times = [float(t) for t in times]
             _check_trajectories(student, trajectories, times, "SelfForcing")
             self.register_buffer("regression_trajectories", trajectories, persistent=False)
-            self.register_buffer("regression_times", torch.tensor(times, dtype=torch.float64, device=trajectories.device),
-                                 persistent=False)
+            times_tensor = torch.tensor(times, dtype=torch.float64, device=trajectories.device)
+            self.register_buffer("regression_times", times_tensor, persistent=False)
 
     def generator_loss(self, x0, iteration, generator):
         loss, logs = super().generator_loss(x0, iteration, generator)
