@@ -37,15 +37,24 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.modulation.bias)
 
     def forward(self, h, cond, attend):
-        """h [N, L, dim]; cond [N, L, dim] per-token conditioning; attend(q, k, v) -> [N, heads, L, hd]
-        with q, k, v [N, heads, L, hd] (unrotated: the callee applies RoPE)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(nn.functional.silu(cond)).chunk(6, dim=-1)
+        """h [N, L, dim], L = F * P tokens in frame-major order; cond [N, F, dim], one conditioning per
+        frame (F = 1: one for every token); attend(q, k, v) -> [N, heads, L, hd] with q, k, v
+        [N, heads, L, hd] (unrotated: the callee applies RoPE). The modulations are computed per frame
+        and broadcast over the frame's P tokens (per token they were a third of the block's FLOPs)."""
         n, length, dim = h.shape
-        x = self.norm1(h) * (1 + scale1) + shift1
+        frames = cond.shape[1]
+        modulation = self.modulation(nn.functional.silu(cond)).unsqueeze(2)  # [N, F, 1, 6 dim]
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+
+        def per_frame(x):  # [N, L, dim] -> [N, F, P, dim], a view
+            return x.view(n, frames, length // frames, dim)
+
+        x = (per_frame(self.norm1(h)) * (1 + scale1) + shift1).view(n, length, dim)
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = attend(q, k, v).transpose(1, 2).reshape(n, length, dim)
-        h = h + gate1 * self.proj(out)
-        return h + gate2 * self.mlp(self.norm2(h) * (1 + scale2) + shift2)
+        h = (per_frame(h) + gate1 * per_frame(self.proj(out))).view(n, length, dim)
+        x = (per_frame(self.norm2(h)) * (1 + scale2) + shift2).view(n, length, dim)
+        return (per_frame(h) + gate2 * per_frame(self.mlp(x))).view(n, length, dim)
 
 
 class TinyDiT(nn.Module):
@@ -113,16 +122,15 @@ class TinyDiT(nn.Module):
         if t.shape not in ((n,), (n, frames)):
             raise ValueError(f"TinyDiT: t must be [N] or [N, frames] = [{n}] or [{n}, {frames}], got {tuple(t.shape)}")
 
-    def _conditioning(self, t, n, frames):
-        """[N, L, dim]: the time embedding of each token's frame."""
-        emb = self.time(t.reshape(-1)).reshape(n, -1, self.dim)  # [N, 1 or frames, dim]
-        if emb.shape[1] == 1:
-            return emb.expand(n, frames * self.tokens_per_frame, self.dim)
-        return emb.repeat_interleave(self.tokens_per_frame, dim=1)
+    def _conditioning(self, t, n):
+        """[N, 1 or frames, dim]: the time embedding of each frame (one row when t is [N])."""
+        return self.time(t.reshape(-1)).reshape(n, -1, self.dim)
 
     def _head(self, h, cond):
-        shift, scale = self.final_modulation(nn.functional.silu(cond)).chunk(2, dim=-1)
-        return self.patch_out(self.norm(h) * (1 + scale) + shift)
+        n, length, dim = h.shape
+        shift, scale = self.final_modulation(nn.functional.silu(cond)).unsqueeze(2).chunk(2, dim=-1)
+        x = self.norm(h).view(n, cond.shape[1], -1, dim) * (1 + scale) + shift
+        return self.patch_out(x.view(n, length, dim))
 
     # -- full-sequence forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, return_features: bool = False):
@@ -142,7 +150,7 @@ class TinyDiT(nn.Module):
             return attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask)
 
         h = self.patch_in(self._tokens(x))
-        cond = self._conditioning(t, n, frames)
+        cond = self._conditioning(t, n)
         for block in self.blocks:
             h = block(h, cond, attend)
         out = self._pixels(self._head(h, cond), frames)
@@ -175,7 +183,7 @@ class TinyDiT(nn.Module):
         self._check(x, t, self.frames_per_chunk)
         n = x.shape[0]
         h = self.patch_in(self._tokens(x))
-        cond = self._conditioning(t, n, self.frames_per_chunk)
+        cond = self._conditioning(t, n)
         for layer, block in enumerate(self.blocks):
             h = block(h, cond, lambda q, k, v, layer=layer: cache.attend(layer, q, k, v))
         return self._pixels(self._head(h, cond), self.frames_per_chunk)
