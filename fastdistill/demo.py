@@ -62,19 +62,25 @@ class Budget:
     eval_samples: int
     width: int = 128
     depth: int = 3
+    student_batch: int | None = None  # the distillation batch (None: `batch`; sCM on points: `batch`)
 
 
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
-    cores, the default in 10 (measured: quick ring / grid / digits / video 157 / 156 / 148 / 78 s on
-    an idle machine, and 192 / 179 / 179 s with the ideal student on a day training ran 15-20%
-    slower; default ring / digits 472 / 391 s, video 235 s, before the ideal student).
+    cores, the default in 10. Measured on 2026-11-24, a day training ran 15-20% slower than on
+    earlier ones: quick ring / grid / digits 142 / 146 / 158 s (ring 185 s and digits 184 s before
+    the quick point students trained at batch 256 and the DiT computed its modulations once per
+    frame); earlier, before the ideal student: quick video 78 s, default ring / digits 472 / 391 s,
+    video 235 s.
     For videos `student_iterations` is split between Self-Forcing's ODE-regression initialisation
-    (a third) and its DMD phase. On points sCM runs 1.5 x `student_iterations`: its step (one JVP
-    and one backward) is among the cheapest and it converges the slowest (grid 1-step swd 0.053
-    after 1,000 iterations, 0.045 after 1,500 and 0.039 after 2,000, against a bar of 0.050)."""
+    (a third) and its DMD phase. On points sCM runs 1.5 x `student_iterations` at the full `batch`:
+    its step (one JVP and one backward) is among the cheapest and it converges the slowest (grid
+    1-step swd 0.053 after 1,000 iterations, 0.045 after 1,500 and 0.039 after 2,000, against a bar
+    of 0.050; 0.053 after 1,500 at batch 256). The other quick point students train at batch 256,
+    which their 2-3x dearer steps made the largest share of the run: on the grid, seed 0, 1-step
+    DMD2 / rCM / LCM 0.034 / 0.034 / 0.041 at 256 against 0.034 / 0.031 / 0.040 at 512."""
     if kind == "points":
-        return Budget(2000, 1000, 512, 4000) if quick else Budget(5000, 3000, 512, 8000)
+        return Budget(2000, 1000, 512, 4000, student_batch=256) if quick else Budget(5000, 3000, 512, 8000)
     if kind == "video":
         return Budget(1500, 300, 32, 256, width=64, depth=2) if quick else Budget(5000, 900, 32, 512, width=64, depth=2)
     # Images: batch 64 and an 800-iteration teacher keep the quick digits run (four methods) within 3
@@ -356,9 +362,9 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
 
     regression_pairs = None
     for name in methods:
-        iterations, init_seconds = size.student_iterations, 0.0
+        iterations, batch, init_seconds = size.student_iterations, size.student_batch or size.batch, 0.0
         if name == "scm" and kind == "points":  # see `budget`
-            iterations = iterations * 3 // 2
+            iterations, batch = iterations * 3 // 2, size.batch
         if name == "self-forcing":
             # The causal student from the teacher's weights, ODE-regressed on teacher paths (a third of
             # the budget; measured as "ode-init"), then Self-Forcing's DMD on its own rollouts.
@@ -381,7 +387,7 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
         method.to(device)
         log(f"{name}: distilling {iterations} iterations")
         trainer = Trainer(method, ema_decay=0.99, seed=seed + 17, log_every=100, progress=progress, **settings)
-        _, seconds = _timed(lambda: trainer.fit(train, iterations, size.batch))
+        _, seconds = _timed(lambda: trainer.fit(train, iterations, batch))
         report["train_seconds"][name] = init_seconds + seconds
         if name == "self-forcing":
             measure(name, streamed(method, trainer.ema))
