@@ -68,10 +68,9 @@ class Budget:
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
     cores, the default in 10. Measured on 2026-11-24, a day training ran 15-20% slower than on
-    earlier ones: quick ring / grid / digits 142 / 146 / 158 s (ring 185 s and digits 184 s before
-    the quick point students trained at batch 256 and the DiT computed its modulations once per
-    frame); earlier, before the ideal student: quick video 78 s, default ring / digits 472 / 391 s,
-    video 235 s.
+    earlier ones: quick ring / grid / digits / video 142 / 146 / 158 / 60 s (ring 185 s and digits
+    184 s before the quick point students trained at batch 256 and the DiT computed its modulations
+    once per frame); earlier, before the ideal student: default ring / digits 472 / 391 s, video 235 s.
     For videos `student_iterations` is split between Self-Forcing's ODE-regression initialisation
     (a third) and its DMD phase. On points sCM runs 1.5 x `student_iterations` at the full `batch`:
     its step (one JVP and one backward) is among the cheapest and it converges the slowest (grid
