@@ -69,3 +69,23 @@ def test_causal_forward_does_not_look_ahead():
     assert not torch.allclose(a[:, :, 4:], b[:, :, 4:])
     with pytest.raises(ValueError, match="not causal"):
         TinyDiT(1, 4, 4).new_cache(1)
+
+
+def test_per_frame_times_condition_their_own_frames():
+    """Modulations are computed per frame and broadcast over the frame's tokens: a frame's time must
+    reach that frame's tokens (and, causally, only later chunks), and [N] times equal [N, T] copies."""
+    net = _causal_dit()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 6, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.rand(2, 6, generator=g, dtype=torch.float64) + 0.1
+    base = net(x, t)
+    later = t.clone()
+    later[:, 4:] += 0.3  # the last chunk's times
+    moved = net(x, later)
+    torch.testing.assert_close(moved[:, :, :4], base[:, :, :4], rtol=0, atol=0)
+    assert (moved[:, :, 4:] - base[:, :, 4:]).abs().amax().item() > 1e-3
+    first = t.clone()
+    first[:, 0] += 0.3  # frame 0 alone: its own output moves
+    assert (net(x, first)[:, :, 0] - base[:, :, 0]).abs().amax().item() > 1e-3
+    shared = torch.full((2,), 0.6, dtype=torch.float64)
+    torch.testing.assert_close(net(x, shared), net(x, shared[:, None].expand(2, 6)), rtol=0, atol=1e-12)
