@@ -42,19 +42,30 @@ class DiTBlock(nn.Module):
         [N, heads, L, hd] (unrotated: the callee applies RoPE). The modulations are computed per frame
         and broadcast over the frame's P tokens (per token they were a third of the block's FLOPs)."""
         n, length, dim = h.shape
-        frames = cond.shape[1]
         modulation = self.modulation(nn.functional.silu(cond)).unsqueeze(2)  # [N, F, 1, 6 dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
-
-        def per_frame(x):  # [N, L, dim] -> [N, F, P, dim], a view
-            return x.view(n, frames, length // frames, dim)
-
-        x = (per_frame(self.norm1(h)) * (1 + scale1) + shift1).view(n, length, dim)
+        x = _modulate(self.norm1(h), shift1, scale1)
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         out = attend(q, k, v).transpose(1, 2).reshape(n, length, dim)
-        h = (per_frame(h) + gate1 * per_frame(self.proj(out))).view(n, length, dim)
-        x = (per_frame(self.norm2(h)) * (1 + scale2) + shift2).view(n, length, dim)
-        return (per_frame(h) + gate2 * per_frame(self.mlp(x))).view(n, length, dim)
+        h = _gated_residual(h, gate1, self.proj(out))
+        return _gated_residual(h, gate2, self.mlp(_modulate(self.norm2(h), shift2, scale2)))
+
+
+# Tokens are frame-major, so x [N, L, dim] viewed as [N, F, L / F, dim] lets per-frame modulations
+# [N, F, 1, dim] broadcast over each frame's tokens.
+def _frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    n, length, dim = x.shape
+    return x.view(n, frames, length // frames, dim)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [N, L, dim] * (1 + scale) + shift, with shift and scale [N, F, 1, dim] per frame."""
+    return (_frames(x, shift.shape[1]) * (1 + scale) + shift).view(x.shape)
+
+
+def _gated_residual(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """h + gate * y for h, y [N, L, dim] and a per-frame gate [N, F, 1, dim]."""
+    return (_frames(h, gate.shape[1]) + gate * _frames(y, gate.shape[1])).view(h.shape)
 
 
 class TinyDiT(nn.Module):
@@ -127,10 +138,8 @@ class TinyDiT(nn.Module):
         return self.time(t.reshape(-1)).reshape(n, -1, self.dim)
 
     def _head(self, h, cond):
-        n, length, dim = h.shape
         shift, scale = self.final_modulation(nn.functional.silu(cond)).unsqueeze(2).chunk(2, dim=-1)
-        x = self.norm(h).view(n, cond.shape[1], -1, dim) * (1 + scale) + shift
-        return self.patch_out(x.view(n, length, dim))
+        return self.patch_out(_modulate(self.norm(h), shift, scale))
 
     # -- full-sequence forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, *, return_features: bool = False):
