@@ -44,9 +44,14 @@ METHODS = ("scm", "dmd", "rcm", "lcm", "self-forcing")
 DEFAULT_METHODS = {"points": ("scm", "dmd", "rcm", "lcm"), "images": ("scm", "dmd", "rcm", "lcm"), "video": ("self-forcing",)}
 VIDEO_FRAMES, FRAMES_PER_CHUNK = 4, 1  # the demo's videos and the causal student's chunk (Self-Forcing: 3 latent frames)
 TEACHER_NFE = (1, 2, 4, 8, 32)
-# The point teachers' time embedding tops out at 16 rad per unit t (the default 64 made dF/dt so rough
-# that sCM's JVP tangent was noise at high t: 1-step sCM on the ring went from 0.40 to 0.04 swd).
-POINTS_TIME_FREQUENCY = 16.0
+# The highest frequency of the networks' time embeddings, in rad per unit t (the models' default is
+# 64). sCM's tangent holds the network's time derivative, which a high-frequency embedding makes
+# rough and, as training moves the weights on those features, unstable (the sCM paper's warning):
+# on the ring 1-step sCM went from 0.40 to 0.04 swd at 16; on the digits the JVP's time part swung
+# between 1 and 13 in norm from one 100 iterations to the next at 64 (its space part stayed at 2-3)
+# and 1-step sCM got worse with more iterations (0.038 -> 0.083 from 500 to 1,100); at 4 it settled
+# (0.028 at 500 iterations, 0.026 at 1,000). The videos have no JVP method and keep the default.
+TIME_FREQUENCY = {"points": 16.0, "images": 4.0, "video": 64.0}
 # Heun steps of the teacher reference (2 steps - 1 model calls). Images: 16 (the digits teacher's
 # 32-NFE Euler sampler, first order, is already at the seed floor: 0.021 against 0.021).
 REFERENCE_STEPS = {"points": 64, "images": 16, "video": 16}
@@ -68,10 +73,10 @@ class Budget:
 def budget(kind: str, quick: bool) -> Budget:
     """Iterations and sample counts per data kind; --quick fits the whole run in 3 minutes on 2 CPU
     cores, the default in 10. Measured on 2026-11-24, a day training ran 15-20% slower than on
-    earlier ones: quick ring / grid / digits / video 142 / 146 / 158 / 66 s (ring 185 s and digits
+    earlier ones: quick ring / grid / digits / video 142 / 146 / 168 / 66 s (ring 185 s and digits
     184 s before the quick point students trained at batch 256 and the DiT computed its modulations
-    once per frame; video 60 s before Self-Forcing's ttur 10); earlier, before the ideal student:
-    default ring / digits 472 / 391 s, video 235 s.
+    once per frame; video 60 s before Self-Forcing's ttur 10); default digits 376 s; earlier,
+    before the ideal student: default ring 472 s, video 235 s.
     For videos `student_iterations` is split between Self-Forcing's ODE-regression initialisation
     (a third) and its DMD phase. On points sCM runs 1.5 x `student_iterations` at the full `batch`:
     its step (one JVP and one backward) is among the cheapest and it converges the slowest (grid
@@ -115,16 +120,17 @@ def make_network(kind: str, sample: torch.Tensor, size: Budget, *, causal: bool 
     for the 16x16 videos) otherwise; `causal` gives the video student's chunk-causal TinyDiT, which
     has the same parameters as the teacher's."""
     if kind == "points":
-        return AdaLNMLP(sample.shape[1], width=size.width, depth=size.depth, time_frequency=POINTS_TIME_FREQUENCY)
+        return AdaLNMLP(sample.shape[1], width=size.width, depth=size.depth, time_frequency=TIME_FREQUENCY[kind])
     heads = max(1, size.width // 16)
     if kind == "video":
         _, c, frames, h, w = sample.shape
         patch = 4 if h % 4 == 0 and w % 4 == 0 else 1
         return TinyDiT(c, h, w, frames=frames, patch=patch, dim=size.width, heads=heads, depth=size.depth,
-                       frames_per_chunk=FRAMES_PER_CHUNK if causal else None)
+                       frames_per_chunk=FRAMES_PER_CHUNK if causal else None, time_frequency=TIME_FREQUENCY[kind])
     _, c, h, w = sample.shape
     patch = 2 if h % 2 == 0 and w % 2 == 0 else 1
-    return TinyDiT(c, h, w, patch=patch, dim=size.width, heads=heads, depth=size.depth)
+    return TinyDiT(c, h, w, patch=patch, dim=size.width, heads=heads, depth=size.depth,
+                   time_frequency=TIME_FREQUENCY[kind])
 
 
 def dmd_regression_pairs(teacher: TrigFlowModel, noise: torch.Tensor, steps: tuple[int, ...], sigma_max: float):
@@ -142,9 +148,10 @@ def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps
     """The method and its trainer settings used by the demo. Chosen by short sweeps on the ring, the
     grid and the digits at the quick budget, seeds 0 and 1 (notes in the README).
 
-    sCM diverged at lr 5e-4, so 2e-4, with a proposal shifted towards high noise (p_mean -0.4, p_std
-    1.6) because one-step sampling starts at t ~ pi/2, tangent normalisation c = 1 and no adaptive
-    weight. DMD2: one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000
+    sCM diverged at lr 5e-4, so 2e-4, with a proposal shifted towards high noise for points (p_mean
+    -0.4, p_std 1.6) because one-step sampling starts at t ~ pi/2, and sCM's ImageNet one for images
+    (p_mean -0.8: digits 1-step fd 0.72 / 0.97 on seeds 0 / 1 against 0.87 / 1.09 at -0.4, swd
+    0.027 / 0.026 against 0.029 / 0.027), tangent normalisation c = 1 and no adaptive weight. DMD2: one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000
     iterations; one student for every requested step count (backward simulation); the batch-wide
     normaliser; the regression loss on `regression_pairs`, the teacher's ODE paths through every step
     time of the samplers (`dmd_regression_pairs`; without it the 2- and 4-step exits collapsed to 16
@@ -162,7 +169,8 @@ def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps
     # No adaptive weight (it made the 1-step output swing between 0.09 and 0.58 swd 100 iterations
     # apart) and tangent normalisation g / (|g| + 1): with c = 0.1 the low-dimensional tangents became
     # unit-size pushes that never settle.
-    scm_config = SCMConfig(tangent_warmup=warmup, p_mean=-0.4, p_std=1.6, tangent_norm=1.0, adaptive_weight=False)
+    scm_config = SCMConfig(tangent_warmup=warmup, p_mean=-0.4 if points else -0.8, p_std=1.6, tangent_norm=1.0,
+                           adaptive_weight=False)
     if name in ("dmd", "rcm") and regression_pairs is None:
         raise ValueError(f"demo: {name} needs regression_pairs (dmd_regression_pairs)")
     dmd_config = DMD2Config(steps=tuple(steps), ttur=1, normaliser="batch", regression_weight=1.0 if points else 4.0)
@@ -281,7 +289,7 @@ def run(dataset: str = "ring", methods: tuple[str, ...] | None = None, steps: tu
     # Teacher: trained here, or reused from out/teacher.pt when it was trained with the same settings.
     key = {"dataset": os.path.abspath(dataset) if dataset.endswith(".npy") else dataset, "seed": seed,
            "budget": asdict(size), "sigma_d": sigma_d,
-           "time_frequency": POINTS_TIME_FREQUENCY if kind == "points" else 64.0}  # not among the saved weights
+           "time_frequency": TIME_FREQUENCY[kind]}  # not among the saved weights
     teacher = TrigFlowModel(make_network(kind, train[:1], size), sigma_d).to(device)
     cache = os.path.join(out, "teacher.pt")
     cached = torch.load(cache, map_location=device, weights_only=False) if os.path.exists(cache) else None
