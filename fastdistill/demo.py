@@ -151,7 +151,8 @@ def make_method(name: str, student: TrigFlowModel, teacher: TrigFlowModel, steps
     sCM diverged at lr 5e-4, so 2e-4, with a proposal shifted towards high noise for points (p_mean
     -0.4, p_std 1.6) because one-step sampling starts at t ~ pi/2, and sCM's ImageNet one for images
     (p_mean -0.8: digits 1-step fd 0.72 / 0.97 on seeds 0 / 1 against 0.87 / 1.09 at -0.4, swd
-    0.027 / 0.026 against 0.029 / 0.027), tangent normalisation c = 1 and no adaptive weight. DMD2: one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000
+    0.027 / 0.026 against 0.029 / 0.027), tangent normalisation c = 1 and no adaptive weight.
+    DMD2: one critic update per generator update (ttur 1), which beat DMD2's ttur 5 at 1,000
     iterations; one student for every requested step count (backward simulation); the batch-wide
     normaliser; the regression loss on `regression_pairs`, the teacher's ODE paths through every step
     time of the samplers (`dmd_regression_pairs`; without it the 2- and 4-step exits collapsed to 16
