@@ -119,18 +119,18 @@ def make_network(kind: str, sample: torch.Tensor, size: Budget, *, causal: bool 
     """The demo's network for a data kind: AdaLNMLP for points, TinyDiT (2x2 patches for images, 4x4
     for the 16x16 videos) otherwise; `causal` gives the video student's chunk-causal TinyDiT, which
     has the same parameters as the teacher's."""
+    frequency = TIME_FREQUENCY[kind]
     if kind == "points":
-        return AdaLNMLP(sample.shape[1], width=size.width, depth=size.depth, time_frequency=TIME_FREQUENCY[kind])
+        return AdaLNMLP(sample.shape[1], width=size.width, depth=size.depth, time_frequency=frequency)
     heads = max(1, size.width // 16)
     if kind == "video":
         _, c, frames, h, w = sample.shape
         patch = 4 if h % 4 == 0 and w % 4 == 0 else 1
         return TinyDiT(c, h, w, frames=frames, patch=patch, dim=size.width, heads=heads, depth=size.depth,
-                       frames_per_chunk=FRAMES_PER_CHUNK if causal else None, time_frequency=TIME_FREQUENCY[kind])
+                       frames_per_chunk=FRAMES_PER_CHUNK if causal else None, time_frequency=frequency)
     _, c, h, w = sample.shape
     patch = 2 if h % 2 == 0 and w % 2 == 0 else 1
-    return TinyDiT(c, h, w, patch=patch, dim=size.width, heads=heads, depth=size.depth,
-                   time_frequency=TIME_FREQUENCY[kind])
+    return TinyDiT(c, h, w, patch=patch, dim=size.width, heads=heads, depth=size.depth, time_frequency=frequency)
 
 
 def dmd_regression_pairs(teacher: TrigFlowModel, noise: torch.Tensor, steps: tuple[int, ...], sigma_max: float):
